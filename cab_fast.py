@@ -577,3 +577,9 @@ def attention(q, k, v, *, scale=None, causal=True, key_mask=None, validate=True)
     Inputs: fp16, bf16 or fp32 on a CUDA device (or CPU under TRITON_INTERPRET=1).
     """
     return _attention(q, k, v, scale=scale, causal=causal, key_mask=key_mask, validate=validate)
+
+
+# ----------------------------------------------------------------------------------------------------
+# transformers: attn_implementation="cab_fast" (the reference's wrapper around this file's attention)
+
+_ref.register_attention("cab_fast", attention)
