@@ -690,7 +690,9 @@ class CabLayer(DynamicLayer):
         is_prompt = self.budget is None
         if is_prompt:
             n = key.shape[2]
-            self.budget = config.budget_for(n)
+            # the configured budget, not min(budget, n): a short prompt leaves room to grow into
+            self.budget = config.budget if config.budget is not None and config.policy != "none" \
+                else config.budget_for(n)
             question_mask = question_mask_from_spans(self.cache.question_span, key.shape[0], n, key.device)
             if question_mask is not None:
                 self.evidence["question_mask"] = question_mask[:, None, :].expand(-1, key.shape[1], -1)
