@@ -84,8 +84,8 @@ class EvictionConfig:
         ratios = {"local_ratio": self.local_ratio, "bridge_ratio": self.bridge_ratio,
                   "importance_ratio": self.importance_ratio, "recent_ratio": self.recent_ratio,
                   "qa_local_ratio": self.qa_local_ratio}
-        for name, value in ratios.items():
-            if not 0.0 <= value <= 1.0:
+        for name, value in ratios.items():      # 1e-6 slack: 1 - 0.7 - 0.3 is -5.6e-17 in floating point
+            if not -1e-6 <= value <= 1.0 + 1e-6:
                 raise ValueError(f"{name}: expected a value in [0, 1], got {value}")
         total = self.local_ratio + self.bridge_ratio + self.importance_ratio
         if abs(total - 1.0) > 1e-6:
@@ -196,6 +196,8 @@ def attention(q, k, v, *, scale=None, causal=True, key_mask=None, validate=True)
     validate=True rejects NaN/inf inputs with a ValueError (inputs must be finite).
     """
     _check_attention_inputs(q, k, v, key_mask, validate)
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale: expected a finite number or None, got {scale!r}")
     b, hq, nq, d = q.shape
     hkv = k.shape[1]
     p = attention_probabilities(q, k, scale=scale, causal=causal, key_mask=key_mask)  # (B, Hkv, G, Nq, Nk)
@@ -764,9 +766,21 @@ class CabCache(Cache):
         self.record = record
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if layer_idx == 0:         # a forward starts: remember every layer so a failing step can be undone
+            self._checkpoint = [(layer, dict(vars(layer), evidence=dict(layer.evidence))) for layer in self.layers]
         while len(self.layers) <= layer_idx:
             self.layers.append(CabLayer(self))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def rollback(self):
+        """Undo the current forward's updates and evictions in every layer (the attention raised), so the
+        cache stays usable. Layer state is only ever replaced, never written in place, so the references
+        kept at the forward's start are the old state."""
+        checkpoint = getattr(self, "_checkpoint", [])
+        self.layers[:] = [layer for layer, _ in checkpoint]
+        for layer, state in checkpoint:
+            layer.__dict__.clear()
+            layer.__dict__.update(state)
 
     def kept_positions(self):
         """Per layer, the original positions of the cached tokens: [B, Hkv, L] int64."""
@@ -803,11 +817,16 @@ def make_attention_interface(attention_fn: AttentionFn):
             if mask is not None:   # the newest columns are this call's tokens in both
                 layer.valid[..., -nq:] = mask[:, 0, -1, -nq:][:, None, :]
             key_mask = layer.key_mask()
-        if mask is not None and (layer is None or layer.budget is None):
-            _check_library_mask(mask, key_mask, nq, nk)
-        out, scores = attention_fn(query, key, value, scale=scaling, causal=True, key_mask=key_mask)
-        if layer is not None:
-            layer.after_attention(query, key, value, scores, scaling, attention_fn)
+        try:
+            if mask is not None and (layer is None or layer.budget is None):
+                _check_library_mask(mask, key_mask, nq, nk)
+            out, scores = attention_fn(query, key, value, scale=scaling, causal=True, key_mask=key_mask)
+            if layer is not None:
+                layer.after_attention(query, key, value, scores, scaling, attention_fn)
+        except Exception:
+            if layer is not None:  # a bad input mid-generation: leave the cache as it was before this step
+                layer.cache.rollback()
+            raise
         return out.transpose(1, 2).contiguous(), None                          # (B, Nq, Hq, D)
 
     return cab_attention_forward
