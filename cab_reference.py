@@ -48,6 +48,7 @@ POLICIES = (
     "delayed",          # fix 3: evict only after the first generated token has looked at the prompt
     "dynamic_local",    # fix 4: CAB with the local ratio chosen from the prompt's structure
     "hybrid_semantic",  # fix 5: recent tokens + the tokens most similar to the question
+    "match_span",       # fix 6: sinks + recent + the neighbourhood of the passage sharing the question's words
 )
 BRIDGE_MODES = ("median", "connectivity", "curvature")
 
@@ -70,6 +71,12 @@ class EvictionConfig:
     alpha: float = 1.0             # question_aware: weight of the question similarity
     qa_local_ratio: float = 0.9    # dynamic_local: local ratio used for a question-at-the-end prompt
     qa_tail: int = 32              # dynamic_local: "at the end" = the question ends this close to the end
+    # match_span (question_match evidence): which words the passage shares with the question, then a
+    # neighbourhood around the best-matching stretch (the answer sits next to the words that match)
+    match_threshold: float = 0.5   # cos(v_j, v_i) above which key j counts as "the same word" as question token i
+    match_window: int = 9          # odd width of the moving average that turns word matches into a stretch score
+    span_radius: int = 9           # keep this many tokens either side of a well-matching stretch
+    match_layers: int = 1          # question_match averaged over the first match_layers layers, then reused
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -91,7 +98,7 @@ class EvictionConfig:
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"local_ratio + bridge_ratio + importance_ratio must sum to 1 (within 1e-6), "
                              f"got {self.local_ratio} + {self.bridge_ratio} + {self.importance_ratio} = {total}")
-        for name in ("sink", "window", "pool", "qa_tail"):
+        for name in ("sink", "window", "pool", "qa_tail", "match_window", "match_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "sink" else 1):
                 raise ValueError(f"{name}: expected an integer >= {0 if name == 'sink' else 1}, got {value!r}")
@@ -99,6 +106,12 @@ class EvictionConfig:
             raise ValueError(f"pool: expected an odd width so pooling stays centred, got {self.pool}")
         if not math.isfinite(self.alpha):
             raise ValueError(f"alpha: expected a finite number, got {self.alpha}")
+        if self.match_window % 2 == 0:
+            raise ValueError(f"match_window: expected an odd width so pooling stays centred, got {self.match_window}")
+        if isinstance(self.span_radius, bool) or not isinstance(self.span_radius, int) or self.span_radius < 0:
+            raise ValueError(f"span_radius: expected an integer >= 0, got {self.span_radius!r}")
+        if not -1.0 <= self.match_threshold < 1.0:   # 1.0 would divide by zero in question_match
+            raise ValueError(f"match_threshold: expected a value in [-1, 1), got {self.match_threshold}")
 
     def budget_for(self, n: int) -> int:
         """K, the number of tokens kept out of n: everything when n <= budget (or policy none)."""
@@ -254,6 +267,39 @@ def question_similarity(q, k, question_mask):
     return sim * (qm.sum(-1) > 0)[:, None, None]                             # (B, Hkv, N)
 
 
+def question_match(v, question_mask, threshold=0.5, key_mask=None):
+    """Fix 6's evidence: how strongly key j shares a word with the question, rare words counting more.
+
+    Values carry no RoPE, and in the first layers a value is mostly a function of the token itself, so
+    cos(v_j, v_i) close to 1 means "token j is the same word as question token i" wherever they stand.
+    With m[j, i] = relu((cos(v_j, v_i) - threshold) / (1 - threshold)) for question tokens i and keys j
+    before the question,
+
+        question_match[j] = sum over i of m[j, i] / (1 + sum over j' of m[j', i]),
+
+    an inverse-document-frequency weighting: a question word found all over the context ("the", "of")
+    adds little, one found in a single place adds up to 1. Cosines are averaged over the KV heads (word
+    identity is not a per-head matter), so every head gets the same evidence, normalised to sum 1 over
+    the keys. Keys from the question on get 0 (the question matches itself).
+
+    v [B, Hkv, N, D]; question_mask [B, N] bool; key_mask [B, N] or None. Returns [B, Hkv, N] float32.
+    """
+    b, hkv, n, _ = v.shape
+    vn = F.normalize(v.float(), dim=-1)                                      # (B, Hkv, N, D)
+    cos = (vn @ vn.mT).mean(dim=1)                                           # (B, N, N) key j x token i
+    m = ((cos - threshold) / (1.0 - threshold)).clamp_min(0.0)               # (B, N, N)
+    positions = torch.arange(n, device=v.device)
+    first = torch.where(question_mask, positions, n).amin(dim=-1)            # (B,) question start
+    before = positions[None, :] < first[:, None]                             # (B, N) candidate keys
+    if key_mask is not None:
+        before = before & key_mask
+    m = m * before[:, :, None] * question_mask[:, None, :]                   # (B, N, N) rows keys, cols question
+    idf = 1.0 / (1.0 + m.sum(dim=1, keepdim=True))                           # (B, 1, N)
+    match = (m * idf).sum(dim=-1)                                            # (B, N)
+    match = match / match.sum(dim=-1, keepdim=True).clamp_min(1e-30)         # rows sum to 1 (or 0)
+    return match[:, None, :].expand(b, hkv, n).contiguous()                  # (B, Hkv, N)
+
+
 def attention_graph(q, k, *, scale=None, key_mask=None):
     """The prompt's causal attention as a token graph per KV head: W = mean over the group of P.
 
@@ -340,6 +386,10 @@ def prompt_evidence(q, k, v, config: EvictionConfig, *, scale=None, key_mask=Non
         if question_mask is None:
             raise ValueError(f"question_span: policy {policy!r} needs the question's token positions")
         return {"question_similarity": question_similarity(q, k, question_mask)}
+    if policy == "match_span":
+        if question_mask is None:
+            raise ValueError(f"question_span: policy {policy!r} needs the question's token positions")
+        return {"question_match": question_match(v, question_mask, config.match_threshold, key_mask)}
     if policy in ("cab", "dynamic_local") and config.bridge != "median":
         graph = attention_graph(q, k, scale=scale, key_mask=key_mask)       # (B, Hkv, N, N)
         bridge = connectivity if config.bridge == "connectivity" else forman_curvature
@@ -424,14 +474,15 @@ def select_kept(scores, config: EvictionConfig, **context):
     scores [B, Hkv, N]: accumulated attention per key. context (all optional unless a policy needs it):
       key_mask [B, N] bool          False for padding; padding is kept only when real tokens run out
       question_mask [B, N] bool     the question's tokens (dynamic_local)
-      window_scores, bidirectional_scores, question_similarity, connectivity, curvature, decode_scores
+      window_scores, bidirectional_scores, question_similarity, connectivity, curvature, decode_scores,
+      question_match
                                     [B, Hkv, N] per-key evidence (see prompt_evidence)
     """
     return select_parts(scores, config, **context).kept
 
 
 CONTEXT_KEYS = ("key_mask", "question_mask", "window_scores", "bidirectional_scores", "question_similarity",
-                "connectivity", "curvature", "decode_scores")
+                "connectivity", "curvature", "decode_scores", "question_match")
 
 
 def _check_scores(scores):
@@ -605,10 +656,34 @@ def _hybrid_semantic(scores, k, config, context):
     return _heavy_hitters(scores, k, config, "semantic", _need(context, "question_similarity", config.policy))
 
 
+def _match_span(scores, k, config, context):
+    """Fix 6: keep the stretch of text that answers the question, not the words it shares with it.
+
+    Attention from the question lands on the needle's words that *match* the question, not on the
+    answer beside them (NOTES.md), and in a small model it lands mostly on sinks and on the question's
+    own label. So rank by word overlap instead (question_match), and keep neighbourhoods:
+        stretch[j]  = mean of question_match over the match_window tokens centred on j,
+        priority[j] = max of stretch over the span_radius tokens either side of j,
+    so every token within span_radius of the best-matching stretch ties at that stretch's value and the
+    whole neighbourhood is kept (a plateau of 2 * span_radius + 1 tokens), then the next-best stretch.
+    Parts: the first `sink` tokens (attention sinks, as StreamingLLM), recent_ratio of K (at least 1)
+    most recent tokens (the chat template's tail and the end of the question), the rest by priority.
+    Decode-time evictions pool over the remaining slots (new tokens have question_match 0)."""
+    match = _need(context, "question_match", config.policy).float()          # (B, H, N)
+    b, h, n = match.shape
+    stretch = F.avg_pool1d(match.reshape(b * h, 1, n), config.match_window, stride=1,
+                           padding=config.match_window // 2, count_include_pad=False)   # (B*H, 1, N)
+    priority = F.max_pool1d(stretch, 2 * config.span_radius + 1, stride=1, padding=config.span_radius)
+    sinks = min(config.sink, k)
+    recent = min(k - sinks, max(1, int(k * config.recent_ratio)))
+    return [Part("sink", sinks, -_recency(scores.shape, scores.device)), _recent(recent, scores),
+            Part("span", k - sinks - recent, priority.reshape(b, h, n))]
+
+
 POLICY_PARTS = {
     "streaming": _streaming, "h2o": _h2o, "cab": _cab, "snapkv": _snapkv,
     "question_aware": _question_aware, "bidirectional": _bidirectional, "delayed": _delayed,
-    "dynamic_local": _dynamic_local, "hybrid_semantic": _hybrid_semantic,
+    "dynamic_local": _dynamic_local, "hybrid_semantic": _hybrid_semantic, "match_span": _match_span,
 }
 assert set(POLICY_PARTS) | {"none"} == set(POLICIES)
 
@@ -701,6 +776,9 @@ class CabLayer(DynamicLayer):
             self.evidence.update(prompt_evidence(query, key, value, config, scale=scale,
                                                  key_mask=self.key_mask(), question_mask=question_mask,
                                                  attention_fn=attention_fn))
+            if "question_match" in self.evidence:      # fix 6: word identity is clearest in the first layers
+                self.evidence["question_match"] = self.cache.shared_evidence(
+                    "question_match", self.evidence["question_match"], config.match_layers)
             if config.policy == "delayed":
                 self.evidence["decode_scores"] = torch.zeros_like(self.scores)
                 return                                 # fix 3: the first generated token ranks the prompt
@@ -764,6 +842,18 @@ class CabCache(Cache):
             raise TypeError(f"config: expected an EvictionConfig, got {type(self.config).__name__}")
         self.question_span = question_span
         self.record = record
+
+    def shared_evidence(self, name, value, layers):
+        """Evidence pooled across layers, in the order the layers cut their prompts: the mean of `name`
+        over the first `layers` layers that offered it; later layers get that mean instead of their own.
+        (Layer l cuts right after its own prefill attention, so it can only use layers 0..l.)"""
+        shared = getattr(self, "_shared", {})
+        total, count = shared.get(name, (None, 0))
+        if count < layers and (total is None or total.shape == value.shape):
+            total, count = (value if total is None else total + value), count + 1
+            shared[name] = (total, count)
+        self._shared = shared
+        return total / count if total is not None and total.shape == value.shape else value
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if layer_idx == 0:         # a forward starts: remember every layer so a failing step can be undone
