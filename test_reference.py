@@ -181,6 +181,8 @@ def make_context(policy, bridge, scores, *, question_at_end=True, fill=None, gen
         context["question_similarity"] = evidence(-1, 1)
     if policy == "delayed":
         context["decode_scores"] = evidence(0, 4)
+    if policy == "match_span":
+        context["question_match"] = evidence(0, 1)
     if policy in ("cab", "dynamic_local") and bridge == "connectivity":
         context["connectivity"] = evidence(0, n).floor() if fill is None else evidence()
     if policy in ("cab", "dynamic_local") and bridge == "curvature":
@@ -202,6 +204,9 @@ def protected(policy, config, k, question_at_end=True):
     if policy == "streaming":
         sinks = min(config.sink, k)
         return sinks, k - sinks
+    if policy == "match_span":
+        sinks = min(config.sink, k)
+        return sinks, min(k - sinks, max(1, int(k * config.recent_ratio)))
     if policy == "cab":
         return 0, int(k * config.local_ratio)
     if policy == "dynamic_local":
@@ -255,7 +260,7 @@ def test_policy_ties_break_toward_recent(policy, bridge, per_head):
     kept = select_kept(scores, config, **make_context(policy, bridge, scores, fill=0.5))
     if policy == "none":
         expected = list(range(n))
-    elif policy == "streaming":
+    elif policy in ("streaming", "match_span"):      # sinks first, then every tie goes to recent
         expected = [0, 1, 2] + list(range(n - 7, n))
     else:                  # every score and every evidence equal: the most recent tokens win every tie
         expected = list(range(n - budget, n))
@@ -293,7 +298,7 @@ def test_policy_never_keeps_padding_while_evicting_real_tokens(policy, bridge, p
                 assert all(i >= pad for i in chosen), f"row {row} head {head}: padding kept {sorted(chosen)}"
             else:
                 assert set(range(pad, n)) <= chosen, f"row {row}: real tokens evicted while padding kept"
-        if policy == "streaming" and real >= k:     # the sinks are the first *real* tokens
+        if policy in ("streaming", "match_span") and real >= k:     # the sinks are the first *real* tokens
             assert {pad, pad + 1} <= set(kept[row, 0].tolist())
 
 

@@ -195,7 +195,7 @@ def shared_evidence(config, scores, seed, question_mask):
     b, h, n = scores.shape
     rand = lambda: torch.rand(b, h, n, generator=g, dtype=torch.float64).float()  # noqa: E731
     return {"window_scores": rand(), "bidirectional_scores": rand() * n, "question_similarity": rand() * 2 - 1,
-            "decode_scores": rand(), "connectivity": (rand() * n).floor(), "curvature": rand() * 20 - 16,
+            "decode_scores": rand(), "question_match": rand(), "connectivity": (rand() * n).floor(), "curvature": rand() * 20 - 16,
             "question_mask": question_mask}
 
 
@@ -485,6 +485,9 @@ def promised(config, budget, seen):
     if config.policy == "streaming":
         sinks = min(config.sink, k)
         return set(range(sinks)) | set(range(seen - (k - sinks), seen))
+    if config.policy == "match_span":
+        sinks = min(config.sink, k)
+        return set(range(sinks)) | set(range(seen - min(k - sinks, max(1, int(k * config.recent_ratio))), seen))
     if config.policy in ("cab", "dynamic_local"):
         recent = int(k * config.local_ratio)
     elif config.policy == "snapkv":
@@ -498,7 +501,8 @@ def promised(config, budget, seen):
 
 @pytest.mark.parametrize("per_head", [True, False], ids=["head", "layer"])
 @pytest.mark.parametrize("policy", [p for p in POLICIES if p not in ("delayed", "question_aware",
-                                                                       "hybrid_semantic", "dynamic_local")])
+                                                                       "hybrid_semantic", "dynamic_local",
+                                                                       "match_span")])
 def test_nothing_promised_is_lost_over_many_decode_steps(policy, per_head):
     config = EvictionConfig(policy=policy, budget=12, sink=3, window=4, per_head=per_head,
                             bridge="median" if policy != "cab" else "connectivity")
@@ -517,7 +521,8 @@ def test_nothing_promised_is_lost_over_many_decode_steps(policy, per_head):
     drive(cache, REFERENCE_ATTN, 40, check=check)
 
 
-@pytest.mark.parametrize("policy", ["question_aware", "hybrid_semantic", "dynamic_local", "delayed"])
+@pytest.mark.parametrize("policy", ["question_aware", "hybrid_semantic", "dynamic_local", "delayed",
+                                    "match_span"])
 def test_question_policies_keep_their_promises_over_decode(policy):
     """The question-based policies (question span given) and delayed: recent window over 40 steps;
     dynamic_local with the question at the end keeps qa_local_ratio of the budget as the local window,
