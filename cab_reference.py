@@ -77,6 +77,7 @@ class EvictionConfig:
     match_window: int = 9          # odd width of the moving average that turns word matches into a stretch score
     span_radius: int = 9           # keep this many tokens either side of a well-matching stretch
     match_layers: int = 1          # question_match averaged over the first match_layers layers, then reused
+    span_sinks: int = 1            # match_span's attention sinks (1: at 10% of a short prompt every slot counts)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -98,10 +99,12 @@ class EvictionConfig:
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"local_ratio + bridge_ratio + importance_ratio must sum to 1 (within 1e-6), "
                              f"got {self.local_ratio} + {self.bridge_ratio} + {self.importance_ratio} = {total}")
-        for name in ("sink", "window", "pool", "qa_tail", "match_window", "match_layers"):
+        for name in ("sink", "window", "pool", "qa_tail", "match_window", "match_layers",
+                     "span_sinks"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "sink" else 1):
-                raise ValueError(f"{name}: expected an integer >= {0 if name == 'sink' else 1}, got {value!r}")
+            least = 0 if name in ("sink", "span_sinks") else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name}: expected an integer >= {least}, got {value!r}")
         if self.pool % 2 == 0:
             raise ValueError(f"pool: expected an odd width so pooling stays centred, got {self.pool}")
         if not math.isfinite(self.alpha):
@@ -666,7 +669,7 @@ def _match_span(scores, k, config, context):
         priority[j] = max of stretch over the span_radius tokens either side of j,
     so every token within span_radius of the best-matching stretch ties at that stretch's value and the
     whole neighbourhood is kept (a plateau of 2 * span_radius + 1 tokens), then the next-best stretch.
-    Parts: the first `sink` tokens (attention sinks, as StreamingLLM), recent_ratio of K (at least 1)
+    Parts: the first `span_sinks` tokens (attention sinks, as StreamingLLM), recent_ratio of K (at least 1)
     most recent tokens (the chat template's tail and the end of the question), the rest by priority.
     Decode-time evictions pool over the remaining slots (new tokens have question_match 0)."""
     match = _need(context, "question_match", config.policy).float()          # (B, H, N)
@@ -674,7 +677,7 @@ def _match_span(scores, k, config, context):
     stretch = F.avg_pool1d(match.reshape(b * h, 1, n), config.match_window, stride=1,
                            padding=config.match_window // 2, count_include_pad=False)   # (B*H, 1, N)
     priority = F.max_pool1d(stretch, 2 * config.span_radius + 1, stride=1, padding=config.span_radius)
-    sinks = min(config.sink, k)
+    sinks = min(config.span_sinks, k)
     recent = min(k - sinks, max(1, int(k * config.recent_ratio)))
     return [Part("sink", sinks, -_recency(scores.shape, scores.device)), _recent(recent, scores),
             Part("span", k - sinks - recent, priority.reshape(b, h, n))]

@@ -215,7 +215,7 @@ def test_match_span_keeps_the_neighbourhood_of_the_best_stretch(n, budget, radiu
     sel = select_parts(scores, config, question_match=match)
     kept = sel.kept
     assert kept.shape == (1, 2, budget)                              # budget honoured
-    sinks = min(config.sink, budget)
+    sinks = min(config.span_sinks, budget)
     recent = min(budget - sinks, max(1, int(budget * config.recent_ratio)))
     span = budget - sinks - recent
     for h in range(2):
@@ -230,7 +230,8 @@ def test_match_span_keeps_the_neighbourhood_of_the_best_stretch(n, budget, radiu
 def test_match_span_needs_the_question():
     with pytest.raises(ValueError, match="question_match"):
         select_kept(torch.rand(1, 1, 20), EvictionConfig(policy="match_span", budget=5))
-    for bad in ({"match_window": 4}, {"span_radius": -1}, {"match_threshold": 1.0}, {"match_layers": 0}):
+    for bad in ({"match_window": 4}, {"span_radius": -1}, {"match_threshold": 1.0}, {"match_layers": 0},
+                {"span_sinks": -1}):
         with pytest.raises(ValueError):
             EvictionConfig(policy="match_span", **bad)
 
