@@ -205,7 +205,7 @@ def protected(policy, config, k, question_at_end=True):
         sinks = min(config.sink, k)
         return sinks, k - sinks
     if policy == "match_span":
-        sinks = min(config.sink, k)
+        sinks = min(config.span_sinks, k)          # match_span has its own sink count (default 1)
         return sinks, min(k - sinks, max(1, int(k * config.recent_ratio)))
     if policy == "cab":
         return 0, int(k * config.local_ratio)
@@ -256,7 +256,8 @@ def test_policy_promises(policy, bridge, per_head):
 def test_policy_ties_break_toward_recent(policy, bridge, per_head):
     b, h, n, budget = 1, 2, 30, 10
     scores = torch.full((b, h, n), 2.0)
-    config = EvictionConfig(policy=policy, bridge=bridge, per_head=per_head, budget=budget, sink=3, window=4)
+    config = EvictionConfig(policy=policy, bridge=bridge, per_head=per_head, budget=budget, sink=3, window=4,
+                            span_sinks=3)
     kept = select_kept(scores, config, **make_context(policy, bridge, scores, fill=0.5))
     if policy == "none":
         expected = list(range(n))
@@ -286,7 +287,8 @@ def test_policy_never_keeps_padding_while_evicting_real_tokens(policy, bridge, p
     for name, t in context.items():
         if t.dtype != torch.bool:
             t[~key_mask[:, None, :].expand(b, h, n)] = 1e6 if name != "curvature" else -1e6
-    config = EvictionConfig(policy=policy, bridge=bridge, per_head=per_head, budget=10, sink=2, window=4)
+    config = EvictionConfig(policy=policy, bridge=bridge, per_head=per_head, budget=10, sink=2, window=4,
+                            span_sinks=2)
     kept = select_kept(scores, config, key_mask=key_mask, **context)
     k = n if policy == "none" else 10
     check_selection(kept, n, k)
