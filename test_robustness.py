@@ -486,7 +486,7 @@ def promised(config, budget, seen):
         sinks = min(config.sink, k)
         return set(range(sinks)) | set(range(seen - (k - sinks), seen))
     if config.policy == "match_span":
-        sinks = min(config.sink, k)
+        sinks = min(config.span_sinks, k)          # match_span's own sink count (default 1)
         return set(range(sinks)) | set(range(seen - min(k - sinks, max(1, int(k * config.recent_ratio))), seen))
     if config.policy in ("cab", "dynamic_local"):
         recent = int(k * config.local_ratio)
