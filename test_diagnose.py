@@ -122,8 +122,8 @@ def test_replay_matches_generate(tiny, policy):
     cache, text = engine.generate(config, max_new_tokens=4)
     reference = CabCache(config, question_span=prompt.question_span)
     with torch.no_grad():
-        out = model.generate(prompt.ids, past_key_values=reference, max_new_tokens=4, do_sample=False,
-                             attention_mask=torch.ones_like(prompt.ids))
+        out = model.generate(prompt.ids, max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(prompt.ids),
+                             **{diagnose._cache_kwarg(model): reference})   # cache= on 5.24, past_key_values= on 5.17
     assert text == tokenizer.decode(out[0, prompt.ids.shape[1]:], skip_special_tokens=True).strip().split("\n")[0].strip()
     for mine, theirs in zip(cache.kept_positions(), reference.kept_positions()):
         assert torch.equal(mine.sort(-1).values, theirs.sort(-1).values)
@@ -249,3 +249,32 @@ def test_match_span_shares_the_first_layers_evidence(tiny):
     both = engine.replay(EvictionConfig(policy="match_span", match_layers=2))
     mean = both.layers[1].prompt_record["evidence"]["question_match"]
     assert torch.allclose(mean, (first + own) / 2)
+
+
+def test_prompt_file_and_explicit_context(tiny, tmp_path):
+    spec = tmp_path / "prompt.json"
+    spec.write_text(json.dumps(ITEMS[1]))
+    out, _ = run_main(["--prompt-file", str(spec), "--policy", "h2o", "--json", "--max-new-tokens", "2"], tiny)
+    data = json.loads(out)
+    assert data["answer"] == "falcon" and len(data["answer_positions"]) == 1
+    out, _ = run_main(["--context", ITEMS[1]["context"], "--question", ITEMS[1]["question"], "--answer", "falcon",
+                       "--policy", "match_span", "--sparsity", "0.5", "--span-radius", "2", "--json",
+                       "--max-new-tokens", "2"], tiny)
+    rep = json.loads(out)["policies"][0]
+    assert rep["policy"] == "match_span" and rep["sparsity"] == 0.5
+
+
+def test_colour_only_on_a_terminal(monkeypatch):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert diagnose.use_colour(Tty()) and not diagnose.use_colour(io.StringIO())
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not diagnose.use_colour(Tty())
+    assert diagnose.Style(False)("x", "32") == "x" and diagnose.Style(True)("x", "32") == "\033[32mx\033[0m"
+
+
+def test_bad_config_is_a_clear_error(tiny):
+    with pytest.raises(SystemExit, match="sparsity"):
+        run_main(["--sparsity", "1.5"], tiny)
