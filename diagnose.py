@@ -603,8 +603,8 @@ def print_suite(table, policies, sparsities, style, out=None):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Show which prompt tokens each eviction policy keeps, and measure "
-                                            "answer retention on a QA suite.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                            "answer retention on a QA suite. Figures are measured at "
+                                            "the prompt cut and averaged over layers and KV heads.")
     p.add_argument("--model", help="local model directory or hub id (default: the embedded SmolLM2-135M GGUF)")
     p.add_argument("--gguf-file", help="GGUF file name inside --model")
     p.add_argument("--prompt-file", help="JSON file {context, question, answer} instead of the built-in prompt")
@@ -626,7 +626,7 @@ def parse_args(argv=None):
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
                        help=f"EvictionConfig.{f.name} (default {f.default!r})")
     p.add_argument("--layers", action="store_true", help="also print per-layer, per-KV-head answer ranks")
-    p.add_argument("--top", type=int, default=12, help="how many top-ranked tokens to print")
+    p.add_argument("--top", type=int, default=12, help="how many top-ranked tokens to print (default 12)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="greedy answer length in tokens "
                    "(default: 16; suite: 12)")
     p.add_argument("--html", metavar="FILE", help="write a page with tokens shaded by score per policy")
