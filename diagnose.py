@@ -363,7 +363,7 @@ def use_colour(stream=sys.stdout) -> bool:
 
 
 class Progress:
-    """A one-line progress bar on stderr (redrawn in place on a terminal, otherwise silent until done)."""
+    """A one-line progress bar on stderr (redrawn in place on a terminal, otherwise a line every 10%)."""
 
     def __init__(self, total: int, label: str, enabled: bool = True):
         self.total, self.label, self.done, self.start = max(1, total), label, 0, time.time()
@@ -372,6 +372,9 @@ class Progress:
 
     def step(self, note: str = ""):
         self.done += 1
+        if self.enabled and not self.tty and self.total >= 20 and \
+                self.done * 10 // self.total > (self.done - 1) * 10 // self.total:     # a line every 10%
+            sys.stderr.write(f"{self.label}: {self.done}/{self.total} {time.time() - self.start:.0f}s\n")
         if self.tty:
             width = 30
             fill = int(width * self.done / self.total)
