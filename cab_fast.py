@@ -22,8 +22,9 @@ Kernels (NOTES_fast.md explains the design and has the measurements):
   decode    3. _decode_partial_kernel: split-K over the keys (Nq * G rows handled by one program per
                KV head and split); each split writes its running max, running sum, accumulator and the
                raw logits of its keys.
-            4. _decode_reduce_kernel: combines the splits in a fixed order (deterministic), writes out, then
-               turns the stored logits into probabilities and column sums for its split's keys.
+            4. _decode_reduce_kernel: one program per key block; each combines the split partials in a fixed
+               order (deterministic) into the final lse, the first also writes out; then it turns its keys'
+               stored logits into probabilities and column sums.
 All four share one inner-loop helper per loop direction (_attn_inner over key blocks for 1 and 3,
 _score_inner over query blocks for 2), each with a constexpr STAGE flag: 1 = off-diagonal blocks with no
 causal mask, 2 = the diagonal / ragged-tail blocks with masks.
@@ -70,7 +71,8 @@ else:
         _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3),
     ]
     _SCORE_CONFIGS = [
-        _cfg(64, 128, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3),
+        _cfg(64, 128, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(64, 128, 8, 4),
+        _cfg(64, 128, 4, 3),
     ]
     _DECODE_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
                        for bn, w, s in ((64, 4, 3), (128, 4, 3), (32, 4, 4))]
@@ -295,7 +297,7 @@ def _score_kernel(Q, K, KM, Lse, Scores,
 # ----------------------------------------------------------------------------------------------------
 # 3./4. Decode: split-K partials, then a fixed-order reduction and the scores
 
-@triton.autotune(configs=_DECODE_CONFIGS, key=["NK_BUCKET", "BLOCK_R", "BLOCK_D", "SPLIT"])
+@triton.autotune(configs=_DECODE_CONFIGS, key=["NK_BUCKET", "BLOCK_R", "BLOCK_D"])
 @triton.jit
 def _decode_partial_kernel(Q, K, V, KM, Mp, Lp, Ap, Lg,
                            sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, skmb, skmn,
@@ -338,10 +340,12 @@ def _decode_partial_kernel(Q, K, V, KM, Mp, Lp, Ap, Lg,
 @triton.jit
 def _decode_reduce_kernel(Mp, Lp, Ap, Lg, KM, Out, Scores,
                           sob, soh, som, sod, skmb, skmn,
-                          H_KV, G, N_Q, N_K, SPLIT, NUM_SPLITS,
+                          H_KV, G, N_Q, N_K, NUM_SPLITS,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                           BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_s = tl.program_id(0)
+    """One program per BLOCK_N keys (many programs, one step each: a loop over the keys of a whole split
+    was latency-bound). Each recomputes the final lse from the split partials, in the same fixed order."""
+    pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H_KV).to(tl.int64)
     hkv = pid_bh % H_KV
@@ -358,7 +362,7 @@ def _decode_reduce_kernel(Mp, Lp, Ap, Lg, KM, Out, Scores,
     l_all = tl.sum(l_s * tl.math.exp2(m_s - m_all[None, :]), 0)
     empty = l_all == 0.0                                            # rows that saw no key (or padded rows)
     lse2 = tl.where(empty, float("inf"), m_all + tl.math.log2(tl.where(empty, 1.0, l_all)))
-    if pid_s == 0:                                                  # the output: splits in a fixed order
+    if pid_n == 0:                                                  # the output: splits in a fixed order
         offs_d = tl.arange(0, BLOCK_D)
         acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
         for s in range(NUM_SPLITS):
@@ -371,21 +375,18 @@ def _decode_reduce_kernel(Mp, Lp, Ap, Lg, KM, Out, Scores,
         h64 = (hkv * G + g).to(tl.int64)
         tl.store(Out + b * sob + h64[:, None] * soh + qi.to(tl.int64)[:, None] * som + offs_d[None, :] * sod,
                  out.to(Out.dtype.element_ty), mask=r_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
-    # the scores of this split's keys, from the stored logits and the final lse
+    # the scores of this program's keys, from the stored logits and the final lse
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N_K                                             # key tail
+    offs_n64 = offs_n.to(tl.int64)
     Lg_base = Lg + pid_bh.to(tl.int64) * rows * N_K
-    lo = pid_s * SPLIT
-    hi = tl.minimum(lo + SPLIT, N_K)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hi                                          # key tail of the split
-        offs_n64 = offs_n.to(tl.int64)
-        lg = tl.load(Lg_base + offs_r.to(tl.int64)[:, None] * N_K + offs_n64[None, :],
-                     mask=r_ok[:, None] & n_ok[None, :], other=float("-inf"))        # [BLOCK_R, BLOCK_N]
-        sc = tl.sum(tl.math.exp2(lg - lse2[:, None]), 0)
-        if HAS_MASK:
-            km = tl.load(KM + b * skmb + offs_n64 * skmn, mask=n_ok, other=0)
-            sc = tl.where(km != 0, sc, 0.0)                         # left-padding keys score 0
-        tl.store(Scores + pid_bh.to(tl.int64) * N_K + offs_n64, sc, mask=n_ok)
+    lg = tl.load(Lg_base + offs_r.to(tl.int64)[:, None] * N_K + offs_n64[None, :],
+                 mask=r_ok[:, None] & n_ok[None, :], other=float("-inf"))            # [BLOCK_R, BLOCK_N]
+    sc = tl.sum(tl.math.exp2(lg - lse2[:, None]), 0)
+    if HAS_MASK:
+        km = tl.load(KM + b * skmb + offs_n64 * skmn, mask=n_ok, other=0)
+        sc = tl.where(km != 0, sc, 0.0)                             # left-padding keys score 0
+    tl.store(Scores + pid_bh.to(tl.int64) * N_K + offs_n64, sc, mask=n_ok)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -533,9 +534,10 @@ def _decode(q, k, v, scale, causal, key_mask):
     split = triton.cdiv(triton.cdiv(nk, splits), _SPLIT_UNIT) * _SPLIT_UNIT
     splits = triton.cdiv(nk, split)
     dev = q.device
-    mp = torch.empty(b * hkv, splits, block_r, dtype=torch.float32, device=dev)
-    lp = torch.empty_like(mp)
-    ap = torch.empty(b * hkv, splits, block_r, block_d, dtype=torch.float32, device=dev)
+    work = torch.empty(b * hkv * splits * block_r * (block_d + 2), dtype=torch.float32, device=dev)
+    ap = work[:b * hkv * splits * block_r * block_d]                # accumulators [B*Hkv, S, R, D]
+    mp = work[ap.numel():ap.numel() + b * hkv * splits * block_r]   # running max  [B*Hkv, S, R]
+    lp = work[ap.numel() + mp.numel():]                             # running sum  [B*Hkv, S, R]
     lg = torch.empty(b * hkv, rows, nk, dtype=torch.float32, device=dev)
     out = _empty_out(q)
     scores = torch.empty(b, hkv, nk, dtype=torch.float32, device=dev)
@@ -545,10 +547,11 @@ def _decode(q, k, v, scale, causal, key_mask):
         q, k, v, km, mp, lp, ap, lg, *q.stride(), *k.stride(), *v.stride(), skmb, skmn,
         hkv, g, nq, nk, _bucket(nk), split, splits, qk_scale,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, CAUSAL=causal, HAS_MASK=has_mask, PREC=_prec(q.dtype))
-    _decode_reduce_kernel[(splits, b * hkv)](
-        mp, lp, ap, lg, km, out, scores, *out.stride(), skmb, skmn, hkv, g, nq, nk, split, splits,
+    red_n = 16 if _INTERPRET else max(16, min(256, 4096 // block_r))   # [BLOCK_R, BLOCK_N] <= 4096
+    _decode_reduce_kernel[(triton.cdiv(nk, red_n), b * hkv)](
+        mp, lp, ap, lg, km, out, scores, *out.stride(), skmb, skmn, hkv, g, nq, nk, splits,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_S=max(2, triton.next_power_of_2(splits)),
-        HAS_MASK=has_mask, BLOCK_N=_SPLIT_UNIT if _INTERPRET else 128, num_warps=4)
+        HAS_MASK=has_mask, BLOCK_N=red_n, num_warps=4)
     return out, scores
 
 
