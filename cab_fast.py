@@ -484,10 +484,12 @@ def _fwd_triton(q, k, v, key_mask, qk_scale, causal):
     return out, lse
 
 
-def _fwd_cudnn(q, k, v, scale):
+def _fwd_cudnn(q, k, v, scale, causal):
     """The vendor forward: cuDNN SDPA returns out and the natural-log lse [B, H, N(, 1)] with the scale
     included (checked against kernel 1 in test_equivalence.py). Query and KV heads must match."""
-    res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)
+    # (attn_bias, compute_log_sumexp, dropout_p, is_causal, return_debug_mask); its causal mask is
+    # top-left aligned, equal to ours only when Nq == Nk (_cudnn_ok checks)
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
     out, lse = res[0], res[1]
     return out, lse.reshape(q.shape[0], q.shape[1], q.shape[2]).float()
 
@@ -515,7 +517,7 @@ def _scores_triton(q, k, key_mask, lse, qk_scale, causal):
 def _prefill(q, k, v, scale, causal, key_mask, forward="auto"):
     qk_scale = scale * _LOG2E
     if forward == "cudnn" or (forward == "auto" and _cudnn_ok(q, k, key_mask, causal)):
-        out, lse = _fwd_cudnn(q, k, v, scale)
+        out, lse = _fwd_cudnn(q, k, v, scale, causal)
     else:
         out, lse = _fwd_triton(q, k, v, key_mask, qk_scale, causal)
     return out, _scores_triton(q, k, key_mask, lse, qk_scale, causal)
