@@ -69,10 +69,12 @@ if _INTERPRET:
 else:
     _FWD_CONFIGS = [
         _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3),
+        _cfg(32, 32, 4, 2),   # only for fp32 at head dim 256 (see _prune_by_head_dim)
     ]
     _SCORE_CONFIGS = [
         _cfg(64, 128, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(64, 128, 8, 4),
         _cfg(64, 128, 4, 3),
+        _cfg(32, 32, 4, 2),   # only for fp32 at head dim 256 (see _prune_by_head_dim)
     ]
     _DECODE_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
                        for bn, w, s in ((64, 4, 3), (128, 4, 3), (32, 4, 4))]
@@ -88,10 +90,15 @@ def block_sizes():
 
 
 def _prune_by_head_dim(configs, named_args, **kwargs):
-    """Large tiles at head dim 256 spill registers; keep the ones that fit."""
+    """Keep the tiles that fit: at head dim 256, 64 x 64 at most for half inputs (registers) and the
+    small fp32 config for fp32 inputs (shared memory: 64 x 64 x 3 stages asked for 344 KB of 227)."""
     d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))   # constexprs come in kwargs (triton >= 3.3)
-    kept = [c for c in configs if d <= 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    return kept or configs[-1:]
+    fp32 = kwargs.get("PREC", named_args.get("PREC")) == "ieee"
+    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 32]
+    if d > 128 and fp32:
+        return small
+    kept = [c for c in configs if c not in small and (d <= 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)]
+    return kept or small
 
 
 def _bucket(n):
