@@ -493,7 +493,8 @@ def _fwd_triton(q, k, v, key_mask, qk_scale, causal):
 
 def _fwd_cudnn(q, k, v, scale, causal):
     """The vendor forward: cuDNN SDPA returns out and the natural-log lse [B, H, N(, 1)] with the scale
-    included (checked against kernel 1 in test_equivalence.py). Query and KV heads must match."""
+    included (checked against kernel 1 in test_equivalence.py). Grouped heads are passed as they are
+    (query head h uses KV head h // G, as in SDPA's enable_gqa); K/V are not repeated."""
     # (attn_bias, compute_log_sumexp, dropout_p, is_causal, return_debug_mask); its causal mask is
     # top-left aligned, equal to ours only when Nq == Nk (_cudnn_ok checks)
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
@@ -501,9 +502,12 @@ def _fwd_cudnn(q, k, v, scale, causal):
     return out, lse.reshape(q.shape[0], q.shape[1], q.shape[2]).float()
 
 
+_CUDNN_GQA = True    # set False for good if the op refuses Hq != Hkv (older torch / cuDNN)
+
+
 def _cudnn_ok(q, k, key_mask, causal):
     return (q.is_cuda and key_mask is None and q.dtype in (torch.float16, torch.bfloat16)
-            and q.shape[1] == k.shape[1] and (not causal or q.shape[2] == k.shape[2])
+            and (q.shape[1] == k.shape[1] or _CUDNN_GQA) and (not causal or q.shape[2] == k.shape[2])
             and q.shape[-1] in (64, 128) and q.stride(-1) == 1 and k.stride(-1) == 1)
 
 
@@ -523,9 +527,16 @@ def _scores_triton(q, k, key_mask, lse, qk_scale, causal):
 
 def _prefill(q, k, v, scale, causal, key_mask, forward="auto"):
     qk_scale = scale * _LOG2E
+    global _CUDNN_GQA
+    out = None
     if forward == "cudnn" or (forward == "auto" and _cudnn_ok(q, k, key_mask, causal)):
-        out, lse = _fwd_cudnn(q, k, v, scale, causal)
-    else:
+        try:
+            out, lse = _fwd_cudnn(q, k, v, scale, causal)
+        except RuntimeError:
+            if forward == "cudnn" or q.shape[1] == k.shape[1]:
+                raise
+            _CUDNN_GQA = False                                      # grouped heads refused: Triton from now on
+    if out is None:
         out, lse = _fwd_triton(q, k, v, key_mask, qk_scale, causal)
     return out, _scores_triton(q, k, key_mask, lse, qk_scale, causal)
 

@@ -247,11 +247,13 @@ def test_bitwise_deterministic(route):
 
 
 @pytest.mark.skipif(not GPU, reason="the vendor (cuDNN) forward needs a CUDA GPU")
+@pytest.mark.parametrize("hkv", [4, 1])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("n", [1, 127, 129, 1000, 4097])
-def test_cudnn_route_lse_convention(n, causal):
-    """The cuDNN log-sum-exp must be natural-log with the scale included, like kernel 1's."""
-    q, k, v = _inputs(1, 4, 4, n, n, 128, torch.bfloat16, seed=n)
+def test_cudnn_route_lse_convention(n, causal, hkv):
+    """The cuDNN log-sum-exp must be natural-log with the scale included, like kernel 1's; grouped heads
+    must map query head h to KV head h // G."""
+    q, k, v = _inputs(2, 4, hkv, n, n, 128, torch.bfloat16, seed=n)
     scale = 1.0 / math.sqrt(128)
     _, lse_c = cab_fast._fwd_cudnn(q, k, v, scale, causal)
     _, lse_t = cab_fast._fwd_triton(q, k, v, None, scale * cab_fast._LOG2E, causal)
