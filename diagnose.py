@@ -631,7 +631,7 @@ def parse_args(argv=None):
     p.add_argument("--layers", action="store_true", help="also print per-layer, per-KV-head answer ranks")
     p.add_argument("--top", type=int, default=12, help="how many top-ranked tokens to print (default 12)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="greedy answer length in tokens "
-                   "(default: 16; suite: 12)")
+                   "(default: 16; the model restates the question before answering)")
     p.add_argument("--html", metavar="FILE", help="write a page with tokens shaded by score per policy")
     p.add_argument("--suite", metavar="FILE.jsonl", help="run the QA suite in FILE (one JSON item a line)")
     p.add_argument("--limit", type=int, help="suite: only the first LIMIT items")
@@ -671,7 +671,7 @@ def main(argv=None, model_and_tokenizer=None):
         raise SystemExit(f"error: {e}")
 
     if args.max_new_tokens is None:
-        args.max_new_tokens = 12 if args.suite else 16
+        args.max_new_tokens = 16
     if args.suite:
         sparsities = args.sparsity or [0.5, 0.75, 0.9]
         try:
