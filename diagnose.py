@@ -29,7 +29,6 @@ import importlib
 import importlib.util
 import inspect
 import json
-import math
 import os
 import re
 import string
@@ -218,9 +217,6 @@ class Engine:
             out.append(int(token))
         if out[-1] in self.stop:
             out = out[:-1]
-        if config.policy == "delayed" and cache.layers and cache.layers[0].prompt_record is None:
-            # the first decode step never ran (answer of one token): rank by what we have
-            pass
         text = self.tokenizer.decode(out, skip_special_tokens=True)
         return cache, text.strip().split("\n")[0].strip()
 
@@ -254,11 +250,9 @@ def analyse(cache: CabCache, prompt: Prompt):
         slot_rank = sel.order[0].cpu().argsort(-1)                             # (H, Ls)
         keep_slot = torch.zeros(h, ls, dtype=torch.bool).scatter_(1, sel.kept[0].cpu(), True)
         part_slot = torch.full((h, ls), -1, dtype=torch.int64).scatter_(1, sel.kept[0].cpu(), sel.part[0].cpu())
-        pos_c = pos.clamp(max=n - 1)
 
-        def to_prompt(x, fill):
-            return torch.full((h, n), fill, dtype=x.dtype).scatter_(1, pos_c, torch.where(in_prompt, x, fill)) \
-                if not bool(in_prompt.all()) else torch.full((h, n), fill, dtype=x.dtype).scatter_(1, pos, x)
+        def to_prompt(x, fill):          # slot order -> prompt position order (every slot is a prompt token)
+            return torch.full((h, n), fill, dtype=x.dtype).scatter_(1, pos, x)
         # slots of generated tokens (delayed) are dropped: only prompt positions are reported
         if not bool(in_prompt.all()):
             keep_p = torch.zeros(h, n, dtype=torch.bool)
@@ -416,13 +410,11 @@ def policy_report(engine: Engine, prompt: Prompt, config: EvictionConfig, max_ne
     kept_frac = a["kept"].float().mean((0, 1))                                  # (N,)
     mean_rank = a["rank"].float().mean((0, 1)) + 1                             # (N,) 1-based
     mean_score = a["score"].mean((0, 1))                                       # (N,)
-    flat_names = [nm for names in a["names"] for nm in names]
     part_name = []
     for p in range(n):
         c = Counter(a["names"][l][int(a["part"][l, h, p])] for l in range(L) for h in range(H)
                     if int(a["part"][l, h, p]) >= 0)
         part_name.append(c.most_common(1)[0][0] if c else "evicted")
-    del flat_names
     order = sorted(range(n), key=lambda p: (-float(kept_frac[p]), float(mean_rank[p])))
     rank_of = {p: i + 1 for i, p in enumerate(order)}
 
@@ -512,12 +504,11 @@ def write_html(path, prompt: Prompt, reports, dense_text, answer):
              ".kp{color:#060;font-weight:bold}.part{color:#850}"
              ".ans{outline:2px solid #03c}.q{outline:1px dashed #666}"
              "</style><h1>Which tokens each policy keeps</h1>",
-             f"<p>Question: {html_lib.escape(DEFAULT_QUESTION if False else '')}"]
-    parts[-1] = (f"<p>Shading: accumulated attention at the prompt cut (log scale, averaged over layers and KV "
+             (f"<p>Shading: accumulated attention at the prompt cut (log scale, averaged over layers and KV "
                  f"heads). <span class='kp'>green</span> = kept by most (layer, KV head) decisions, "
                  f"<span class='ev'>red struck</span> = evicted by most; blue box = answer tokens, dashed = "
                  f"question. Hover a token for its numbers. Dense answer: <b>{html_lib.escape(dense_text)}</b>"
-                 f"{'' if answer is None else ' (expected: ' + html_lib.escape(answer) + ')'}</p>")
+                 f"{'' if answer is None else ' (expected: ' + html_lib.escape(answer) + ')'}</p>")]
     for rep in reports:
         scores = torch.tensor(rep["mean_score"]).clamp_min(1e-6).log()
         lo, hi = float(scores.min()), float(scores.max())
