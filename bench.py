@@ -174,11 +174,15 @@ def bench_decode(lengths, heads=32, d=128):
             yield r
 
 
-def _decode_steps(model, ids, pol, steps):
-    """ms per decode step of plain model(...) calls after a prefill: no generate() bookkeeping."""
+def _cache(pol, evict_every):
     import transformers
-    cache = (transformers.DynamicCache() if pol is None
-             else ref.CabCache(ref.EvictionConfig(policy=pol, sparsity=0.9)))
+    return (transformers.DynamicCache() if pol is None
+            else ref.CabCache(ref.EvictionConfig(policy=pol, sparsity=0.9, evict_every=evict_every)))
+
+
+def _decode_steps(model, ids, pol, evict_every, steps):
+    """ms per decode step of plain model(...) calls after a prefill: no generate() bookkeeping."""
+    cache = _cache(pol, evict_every)
     with torch.no_grad():
         tok = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
         for i in range(steps + 3):
@@ -197,16 +201,16 @@ def bench_end_to_end(prompts, new_tokens=128, layers=16, policy="cab"):
                                    head_dim=128, max_position_embeddings=65536)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
-    runs = [("sdpa", None, "dense SDPA + DynamicCache"),
-            ("cab_fast", policy, f"cab_fast + CabCache({policy}, 90%)")]
+    runs = [("sdpa", None, 1, "dense SDPA + DynamicCache"),
+            ("cab_fast", policy, 1, f"cab_fast + CabCache({policy}, 90%)"),
+            ("cab_fast", policy, 64, f"cab_fast + CabCache({policy}, 90%, evict_every=64)")]
     for n in prompts:
         ids = torch.randint(0, 32000, (1, n), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
-        for impl, pol, label in runs:
+        for impl, pol, evict_every, label in runs:
             model.set_attn_implementation(impl)
 
             def gen(t):
-                cache = (transformers.DynamicCache() if pol is None
-                         else ref.CabCache(ref.EvictionConfig(policy=pol, sparsity=0.9)))
+                cache = _cache(pol, evict_every)
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 with torch.no_grad():
@@ -219,7 +223,7 @@ def bench_end_to_end(prompts, new_tokens=128, layers=16, policy="cab"):
             tn, cache = gen(new_tokens)
             kv = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
             del cache
-            step_ms = _decode_steps(model, ids, pol, steps=32)
+            step_ms = _decode_steps(model, ids, pol, evict_every, steps=32)
             r = _row("end_to_end", prompt=n, impl=label, layers=layers, new_tokens=new_tokens,
                      prefill_s=t1, ms_per_token=(tn - t1) / (new_tokens - 1) * 1e3, kv_cache_mib=kv / 2 ** 20,
                      forward_step_ms=step_ms)

@@ -604,4 +604,4 @@ def attention(q, k, v, *, scale=None, causal=True, key_mask=None, validate=True)
 # ----------------------------------------------------------------------------------------------------
 # transformers: attn_implementation="cab_fast" (the reference's wrapper around this file's attention)
 
-_ref.register_attention("cab_fast", attention)
+_ref.register_attention("cab_fast", attention, validate=False)   # no host sync per layer and step

@@ -71,6 +71,8 @@ class EvictionConfig:
     alpha: float = 1.0             # question_aware: weight of the question similarity
     qa_local_ratio: float = 0.9    # dynamic_local: local ratio used for a question-at-the-end prompt
     qa_tail: int = 32              # dynamic_local: "at the end" = the question ends this close to the end
+    evict_every: int = 1           # decode: cut back to the budget once every this many new tokens; 1 keeps
+                                   #   the cache at the budget, more trades evict_every - 1 slots for fewer cuts
     # match_span (question_match evidence): which words the passage shares with the question, then a
     # neighbourhood around the best-matching stretch (the answer sits next to the words that match)
     match_threshold: float = 0.5   # cos(v_j, v_i) above which key j counts as "the same word" as question token i
@@ -100,7 +102,7 @@ class EvictionConfig:
             raise ValueError(f"local_ratio + bridge_ratio + importance_ratio must sum to 1 (within 1e-6), "
                              f"got {self.local_ratio} + {self.bridge_ratio} + {self.importance_ratio} = {total}")
         for name in ("sink", "window", "pool", "qa_tail", "match_window", "match_layers",
-                     "span_sinks"):
+                     "span_sinks", "evict_every"):
             value = getattr(self, name)
             least = 0 if name in ("sink", "span_sinks") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -760,7 +762,6 @@ class CabLayer(DynamicLayer):
 
     def key_mask(self):
         """[B, L]: real tokens. Padding is ranked alike in every head (see _best_first), so the heads agree."""
-        assert bool((self.valid == self.valid[:, :1]).all()), "slot validity differs between KV heads"
         return self.valid[:, 0]
 
     def after_attention(self, query, key, value, scores, scale, attention_fn):
@@ -787,7 +788,7 @@ class CabLayer(DynamicLayer):
                 return                                 # fix 3: the first generated token ranks the prompt
         elif config.policy == "delayed":
             self.evidence["decode_scores"] = self.evidence["decode_scores"] + scores
-        if self.keys.shape[-2] > self.budget:
+        if self.keys.shape[-2] - self.budget >= (1 if is_prompt else config.evict_every):
             self.evict(record=is_prompt or (config.policy == "delayed" and self.prompt_record is None))
 
     def evict(self, record=False):
@@ -804,6 +805,7 @@ class CabLayer(DynamicLayer):
         self.scores, self.positions, self.valid = (t.gather(2, kept) for t in (self.scores, self.positions,
                                                                                self.valid))
         self.evidence = {name: t.gather(2, kept) for name, t in self.evidence.items()}
+        assert bool((self.valid == self.valid[:, :1]).all()), "slot validity differs between KV heads"
 
     def _index_batch(self, index):
         if not self.is_initialized:
@@ -835,7 +837,8 @@ class CabCache(Cache):
     question_span=(start, end) (or one per batch row), in token positions of the prompt, is what the
     question-based policies read. record=True keeps each layer's prompt selection (layer.prompt_record).
     The prompt is cut right after its prefill (the delayed policy: after the first generated token);
-    each decode step then evicts one token to stay within the budget.
+    each decode step then evicts one token to stay within the budget (config.evict_every > 1: the cache
+    grows to budget + evict_every - 1 and is cut back to the budget every evict_every tokens).
     """
 
     def __init__(self, config: EvictionConfig | None = None, *, question_span=None, record: bool = False):
@@ -895,7 +898,7 @@ def _check_library_mask(mask, key_mask, nq, nk):
                          "cab attention supports plain causal decoder masks only")
 
 
-def make_attention_interface(attention_fn: AttentionFn):
+def make_attention_interface(attention_fn: AttentionFn, *, validate: bool = True):
     """Wrap attention(q, k, v, ...) -> (out, scores) into transformers' attention-interface signature."""
 
     def cab_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -913,7 +916,8 @@ def make_attention_interface(attention_fn: AttentionFn):
         try:
             if mask is not None and (layer is None or layer.budget is None):
                 _check_library_mask(mask, key_mask, nq, nk)
-            out, scores = attention_fn(query, key, value, scale=scaling, causal=True, key_mask=key_mask)
+            out, scores = attention_fn(query, key, value, scale=scaling, causal=True, key_mask=key_mask,
+                                       validate=validate)
             if layer is not None:
                 layer.after_attention(query, key, value, scores, scaling, attention_fn)
         except Exception:
@@ -925,10 +929,11 @@ def make_attention_interface(attention_fn: AttentionFn):
     return cab_attention_forward
 
 
-def register_attention(name: str, attention_fn: AttentionFn):
+def register_attention(name: str, attention_fn: AttentionFn, *, validate: bool = True):
     """Make attn_implementation=name available to Llama-family models (with the SDPA-style bool mask,
-    without which left-padded batches would get no mask at all)."""
-    AttentionInterface.register(name, make_attention_interface(attention_fn))
+    without which left-padded batches would get no mask at all). validate=False skips the NaN/inf check,
+    which costs a device sync per layer and step on a GPU."""
+    AttentionInterface.register(name, make_attention_interface(attention_fn, validate=validate))
     AttentionMaskInterface.register(name, sdpa_mask)
 
 

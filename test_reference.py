@@ -493,6 +493,25 @@ def test_budget_larger_than_prompt_lets_the_cache_grow_to_the_budget():
     torch.testing.assert_close(logits[:, :7], dense_logits[:, :7], rtol=1e-4, atol=1e-4)
 
 
+def test_evict_every_lets_the_cache_overshoot_then_cuts_back_to_the_budget():
+    """evict_every=E: after the prompt cut the cache grows to budget + E - 1, then one cut brings it back
+    to the budget, and the kept positions stay true (strictly increasing, the newest token last)."""
+    model = tiny_model("llama")
+    ids, mask = prompts(1, n=40)
+    cache = CabCache(EvictionConfig(policy="h2o", sparsity=0.75, evict_every=4))
+    lengths = []
+    model.set_attn_implementation("cab_reference")
+    with torch.no_grad():
+        tok = model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1)
+        lengths.append(cache.layers[0].keys.shape[-2])
+        for _ in range(9):
+            tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
+            lengths.append(cache.layers[0].keys.shape[-2])
+    assert lengths == [10, 11, 12, 13, 10, 11, 12, 13, 10, 11]
+    positions = cache.kept_positions()[0]
+    assert bool((positions.diff(dim=-1) > 0).all()) and int(positions[..., -1].max()) == 40 + 9 - 1
+
+
 # ----------------------------------------------------------------------------------------------------
 # 4. Clear errors for bad inputs
 
