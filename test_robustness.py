@@ -620,7 +620,7 @@ def test_model_generation_continues_after_a_failing_step():
 # ----------------------------------------------------------------------------------------------------
 # 5. Soaks: many decode steps with eviction
 
-def soak(attn, steps, device, policy="h2o", budget=32, check_every=1, b=2):
+def soak(attn, steps, device, policy="h2o", budget=32, check_every=1, b=2, prompt=64):
     config = EvictionConfig(policy=policy, budget=budget, window=8)
     cache = CabCache(config)
     memory = []
@@ -628,7 +628,7 @@ def soak(attn, steps, device, policy="h2o", budget=32, check_every=1, b=2):
     def check(step, cache):
         if step % check_every and step != steps:
             return
-        seen = 64 + step
+        seen = prompt + step
         assert cache.get_seq_length() == seen
         for layer in cache.layers:
             assert layer.keys.shape[-2] == budget and layer.positions.shape[-1] == budget
@@ -640,7 +640,8 @@ def soak(attn, steps, device, policy="h2o", budget=32, check_every=1, b=2):
         if device == "cuda" and step >= 100:
             memory.append(torch.cuda.memory_allocated())
 
-    drive(cache, attn, steps, b=b, prompt=64, device=device, check=check)
+    assert prompt > budget, "the prompt must overflow the budget so the cache is flat from the first cut"
+    drive(cache, attn, steps, b=b, prompt=prompt, device=device, check=check)
     return memory
 
 
@@ -726,5 +727,5 @@ def test_gpu_ten_thousand_decode_steps(impl):
     """10k decode steps with eviction (budget 256, 2 layers): scores finite, positions true and strictly
     increasing, the cache flat at the budget, allocated memory flat."""
     attn = REFERENCE_ATTN if impl == "reference" else R.make_attention_interface(cab_fast.attention)
-    memory = soak(attn, 10_000, "cuda", budget=256, check_every=500, b=1)
+    memory = soak(attn, 10_000, "cuda", budget=256, check_every=500, b=1, prompt=512)
     assert max(memory) - min(memory) <= 1 << 20, f"memory grew: {min(memory)} -> {max(memory)} bytes"
