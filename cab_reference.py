@@ -848,18 +848,17 @@ class CabCache(Cache):
             raise TypeError(f"config: expected an EvictionConfig, got {type(self.config).__name__}")
         self.question_span = question_span
         self.record = record
+        self._shared = {}          # shared_evidence: name -> (sum over layers so far, count)
 
     def shared_evidence(self, name, value, layers):
         """Evidence pooled across layers, in the order the layers cut their prompts: the mean of `name`
         over the first `layers` layers that offered it; later layers get that mean instead of their own.
         (Layer l cuts right after its own prefill attention, so it can only use layers 0..l.)"""
-        shared = getattr(self, "_shared", {})
-        total, count = shared.get(name, (None, 0))
-        if count < layers and (total is None or total.shape == value.shape):
-            total, count = (value if total is None else total + value), count + 1
-            shared[name] = (total, count)
-        self._shared = shared
-        return total / count if total is not None and total.shape == value.shape else value
+        total, count = self._shared.get(name, (0, 0))
+        if count < layers:
+            total, count = total + value, count + 1
+            self._shared[name] = (total, count)
+        return total / count
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if layer_idx == 0:         # a forward starts: remember every layer so a failing step can be undone
