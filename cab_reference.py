@@ -772,8 +772,10 @@ class CabLayer(DynamicLayer):
         if is_prompt:
             n = key.shape[2]
             # the configured budget, not min(budget, n): a short prompt leaves room to grow into
-            self.budget = config.budget if config.budget is not None and config.policy != "none" \
-                else config.budget_for(n)
+            if config.policy == "none":
+                self.budget = math.inf                 # the dense baseline never evicts
+            else:
+                self.budget = config.budget if config.budget is not None else config.budget_for(n)
             question_mask = question_mask_from_spans(self.cache.question_span, key.shape[0], n, key.device)
             if question_mask is not None:
                 self.evidence["question_mask"] = question_mask[:, None, :].expand(-1, key.shape[1], -1)
