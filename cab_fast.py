@@ -400,43 +400,17 @@ def _decode_reduce_kernel(Mp, Lp, Ap, Lg, KM, Out, Scores,
 # Python side: checks, launch parameters, routes
 
 def _check_inputs(q, k, v, key_mask, scale, validate):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name}: expected 4 dims [B, H, N, D], got shape {tuple(t.shape)}")
-        if t.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"{name}: cab_fast supports float16, bfloat16 and float32, got {t.dtype} "
-                            f"(cab_reference.attention also takes float64)")
+    """The reference's checks (shapes, devices, key_mask, scale), then what the kernels add."""
+    _ref._check_attention_inputs(q, k, v, key_mask, scale, False, dtypes=_SUPPORTED_DTYPES)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v: expected equal shapes, got {tuple(k.shape)} and {tuple(v.shape)}")
-    (b, hq, nq, d), (bk, hkv, nk, dk) = q.shape, k.shape
-    if b != bk or d != dk:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: batch and head dim must match")
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"q has {hq} heads, k has {hkv}: query heads must be a multiple of KV heads")
-    if nq > nk:
-        raise ValueError(f"q has {nq} queries but k only {nk} keys: expected Nq <= Nk")
+    d = q.shape[-1]
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"q: head dim {d} not supported by cab_fast (1 .. {MAX_HEAD_DIM})")
-    if len({q.device, k.device, v.device}) != 1:
-        raise ValueError(f"q, k, v: expected one device, got {q.device}, {k.device}, {v.device}")
     if q.device.type != "cuda" and not _INTERPRET:
         raise ValueError(f"q: cab_fast runs Triton kernels on a CUDA device, got a {q.device.type} tensor; "
                          f"use cab_reference.attention on CPU, or set TRITON_INTERPRET=1 before importing "
                          f"triton to run these kernels in the (slow) interpreter")
-    if key_mask is not None:
-        if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool \
-                or tuple(key_mask.shape) != (b, nk):
-            raise ValueError(f"key_mask: expected bool [B, Nk] = [{b}, {nk}], got "
-                             f"{getattr(key_mask, 'dtype', type(key_mask).__name__)} "
-                             f"{tuple(getattr(key_mask, 'shape', ()))}")
-        if key_mask.device != k.device:
-            raise ValueError(f"key_mask: expected device {k.device}, got {key_mask.device}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale: expected a finite number or None, got {scale!r}")
     if validate:   # one fused check and one host sync for all three tensors
         finite = torch.stack([torch.isfinite(t).all() for t in (q, k, v)])
         if not bool(finite.all()):

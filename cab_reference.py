@@ -129,14 +129,18 @@ class EvictionConfig:
 # ----------------------------------------------------------------------------------------------------
 # 2. Attention with accumulated scores
 
-def _check_attention_inputs(q, k, v, key_mask, validate):
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_attention_inputs(q, k, v, key_mask, scale, validate, dtypes=FLOAT_DTYPES):
+    """The checks every attention implementation shares (cab_fast adds its kernels' own)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name}: expected 4 dims [B, H, N, D], got shape {tuple(t.shape)}")
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            raise TypeError(f"{name}: expected a floating dtype (fp16, bf16, fp32, fp64), got {t.dtype}")
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name}: expected one of {', '.join(map(str, dtypes))}, got {t.dtype}")
     if k.shape != v.shape:
         raise ValueError(f"k and v: expected equal shapes, got {tuple(k.shape)} and {tuple(v.shape)}")
     (b, hq, nq, d), (bk, hkv, nk, dk) = q.shape, k.shape
@@ -149,11 +153,15 @@ def _check_attention_inputs(q, k, v, key_mask, validate):
     if len({q.device, k.device, v.device}) != 1:
         raise ValueError(f"q, k, v: expected one device, got {q.device}, {k.device}, {v.device}")
     if key_mask is not None:
-        if key_mask.dtype != torch.bool or tuple(key_mask.shape) != (b, nk):
-            raise ValueError(f"key_mask: expected bool [B, Nk] = [{b}, {nk}], "
-                             f"got {key_mask.dtype} {tuple(key_mask.shape)}")
+        if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool \
+                or tuple(key_mask.shape) != (b, nk):
+            raise ValueError(f"key_mask: expected bool [B, Nk] = [{b}, {nk}], got "
+                             f"{getattr(key_mask, 'dtype', type(key_mask).__name__)} "
+                             f"{tuple(getattr(key_mask, 'shape', ()))}")
         if key_mask.device != k.device:
             raise ValueError(f"key_mask: expected device {k.device}, got {key_mask.device}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale: expected a finite number or None, got {scale!r}")
     if validate:
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not torch.isfinite(t).all():
@@ -213,9 +221,7 @@ def attention(q, k, v, *, scale=None, causal=True, key_mask=None, validate=True)
     Returns out [B, Hq, Nq, D] in q's dtype and scores [B, Hkv, Nk] float32 (float64 for float64 inputs).
     validate=True rejects NaN/inf inputs with a ValueError (inputs must be finite).
     """
-    _check_attention_inputs(q, k, v, key_mask, validate)
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale: expected a finite number or None, got {scale!r}")
+    _check_attention_inputs(q, k, v, key_mask, scale, validate)
     b, hq, nq, d = q.shape
     hkv = k.shape[1]
     p = attention_probabilities(q, k, scale=scale, causal=causal, key_mask=key_mask)  # (B, Hkv, G, Nq, Nk)
