@@ -296,16 +296,17 @@ def question_match(v, question_mask, threshold=0.5, key_mask=None):
     v [B, Hkv, N, D]; question_mask [B, N] bool; key_mask [B, N] or None. Returns [B, Hkv, N] float32.
     """
     b, hkv, n, _ = v.shape
+    cols = question_mask.any(dim=0).nonzero().squeeze(-1)                   # (Q,) question positions, any row
     vn = F.normalize(v.float(), dim=-1)                                      # (B, Hkv, N, D)
-    cos = (vn @ vn.mT).mean(dim=1)                                           # (B, N, N) key j x token i
-    m = ((cos - threshold) / (1.0 - threshold)).clamp_min(0.0)               # (B, N, N)
+    cos = (vn @ vn[:, :, cols].mT).mean(dim=1)                               # (B, N, Q) key j x question token i
+    m = ((cos - threshold) / (1.0 - threshold)).clamp_min(0.0)               # (B, N, Q)
     positions = torch.arange(n, device=v.device)
     first = torch.where(question_mask, positions, n).amin(dim=-1)            # (B,) question start
     before = positions[None, :] < first[:, None]                             # (B, N) candidate keys
     if key_mask is not None:
         before = before & key_mask
-    m = m * before[:, :, None] * question_mask[:, None, :]                   # (B, N, N) rows keys, cols question
-    idf = 1.0 / (1.0 + m.sum(dim=1, keepdim=True))                           # (B, 1, N)
+    m = m * before[:, :, None] * question_mask[:, None, cols]                # (B, N, Q) this row's question only
+    idf = 1.0 / (1.0 + m.sum(dim=1, keepdim=True))                           # (B, 1, Q)
     match = (m * idf).sum(dim=-1)                                            # (B, N)
     match = match / match.sum(dim=-1, keepdim=True).clamp_min(1e-30)         # rows sum to 1 (or 0)
     return match[:, None, :].expand(b, hkv, n).contiguous()                  # (B, Hkv, N)
