@@ -9,7 +9,7 @@ Reading order
   2. attention               softmax(QK^T)V plus the accumulated scores, grouped-query native
   3. prompt evidence         the extra signals some policies rank by (observation window, question)
   4. selection               one budgeted top-k routine shared by every policy
-  5. the policies            none, streaming, h2o, cab, snapkv and the five proposed fixes
+  5. the policies            none, streaming, h2o, cab, snapkv, the five proposed fixes, match_span
   6. transformers glue       the "cab_reference" attention implementation and CabCache
 
 Shape letters (used in every shape comment)
@@ -858,6 +858,7 @@ class CabCache(Cache):
         self.question_span = question_span
         self.record = record
         self._shared = {}          # shared_evidence: name -> (sum over layers so far, count)
+        self._checkpoint = ([], {})  # (layers with their state, _shared) at the current forward's start
 
     def shared_evidence(self, name, value, layers):
         """Evidence pooled across layers, in the order the layers cut their prompts: the mean of `name`
@@ -871,20 +872,22 @@ class CabCache(Cache):
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if layer_idx == 0:         # a forward starts: remember every layer so a failing step can be undone
-            self._checkpoint = [(layer, dict(vars(layer), evidence=dict(layer.evidence))) for layer in self.layers]
+            layers = [(layer, dict(vars(layer), evidence=dict(layer.evidence))) for layer in self.layers]
+            self._checkpoint = (layers, dict(self._shared))
         while len(self.layers) <= layer_idx:
             self.layers.append(CabLayer(self))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def rollback(self):
         """Undo the current forward's updates and evictions in every layer (the attention raised), so the
-        cache stays usable. Layer state is only ever replaced, never written in place, so the references
-        kept at the forward's start are the old state."""
-        checkpoint = getattr(self, "_checkpoint", [])
-        self.layers[:] = [layer for layer, _ in checkpoint]
-        for layer, state in checkpoint:
+        cache stays usable. Layer state is only ever replaced, never written in place (except the slots
+        this forward appended), so the references kept at the forward's start are the old state."""
+        layers, shared = self._checkpoint
+        self.layers[:] = [layer for layer, _ in layers]
+        for layer, state in layers:
             layer.__dict__.clear()
             layer.__dict__.update(state)
+        self._shared = dict(shared)
 
     def kept_positions(self):
         """Per layer, the original positions of the cached tokens: [B, Hkv, L] int64."""
