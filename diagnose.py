@@ -1,7 +1,7 @@
 """Why did eviction throw away the answer? Token-rank dumps and a QA retention suite on a real model.
 
     python diagnose.py                          # the embedded SmolLM2-135M-Instruct, a built-in QA prompt
-    python diagnose.py --policy h2o qa_span --layers
+    python diagnose.py --policy h2o match_span --layers
     python diagnose.py --html ranks.html        # tokens shaded by score, kept/evicted marked, per policy
     python diagnose.py --suite qa_suite.jsonl --sparsity 0.5 0.75 0.9
 
