@@ -219,7 +219,8 @@ def attention(q, k, v, *, scale=None, causal=True, key_mask=None, validate=True)
 
     q [B, Hq, Nq, D]; k, v [B, Hkv, Nk, D]; key_mask [B, Nk] bool (True = real token) or None.
     Returns out [B, Hq, Nq, D] in q's dtype and scores [B, Hkv, Nk] float32 (float64 for float64 inputs).
-    validate=True rejects NaN/inf inputs with a ValueError (inputs must be finite).
+    validate=True rejects NaN/inf inputs with a ValueError (inputs must be finite); with validate=False
+    they are not looked at: a -inf logit acts as a masked key, a +inf or NaN logit makes its row NaN.
     """
     _check_attention_inputs(q, k, v, key_mask, scale, validate)
     b, hq, nq, d = q.shape
