@@ -39,7 +39,7 @@ def _ms(fn, rep=100):
 
 
 def _sdpa(backend):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
     def run(q, k, v, causal):
         with sdpa_kernel([backend]):
@@ -88,7 +88,7 @@ def bench_prefill(lengths, heads=32, d=128):
                 r["sdpa_flash_error"] = str(e)[:80]
             try:
                 r["sdpa_cudnn_ms"] = _ms(lambda: cudnn(q, k, v, True))
-            except RuntimeError as e:
+            except RuntimeError:
                 r["sdpa_cudnn_ms"] = None
             out, sc = cab_fast.attention(q, k, v, validate=False)
             assert torch.isfinite(sc).all() and torch.isfinite(out).all()
@@ -145,7 +145,6 @@ def _graphed(fn):
 
 
 def bench_decode(lengths, heads=32, d=128):
-    from torch.nn.attention import SDPBackend
     for hkv in (heads, heads // 4):
         for n in lengths:
             g = torch.Generator(device="cuda").manual_seed(n)

@@ -224,7 +224,6 @@ def attention(q, k, v, *, scale=None, causal=True, key_mask=None, validate=True)
     """
     _check_attention_inputs(q, k, v, key_mask, scale, validate)
     b, hq, nq, d = q.shape
-    hkv = k.shape[1]
     p = attention_probabilities(q, k, scale=scale, causal=causal, key_mask=key_mask)  # (B, Hkv, G, Nq, Nk)
     out = p @ v.to(p.dtype)[:, :, None]                                       # (B, Hkv, G, Nq, D)
     out = out.reshape(b, hq, nq, d).to(q.dtype)                               # (B, Hq, Nq, D)
@@ -269,7 +268,7 @@ def question_similarity(q, k, question_mask):
     Returns [B, Hkv, N] float32 in [-1, 1]; rows with no question tokens get 0.
     """
     b, hq, nq, d = q.shape
-    hkv, n = k.shape[1], k.shape[2]
+    hkv = k.shape[1]
     qm = question_mask[:, -nq:].to(torch.float32)                            # (B, Nq) question queries
     qg = q.float().view(b, hkv, hq // hkv, nq, d)                            # (B, Hkv, G, Nq, D)
     weights = qm[:, None, None, :, None]                                     # (B, 1, 1, Nq, 1)
@@ -916,7 +915,7 @@ def make_attention_interface(attention_fn: AttentionFn, *, validate: bool = True
     def cab_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if dropout and module.training:
             raise ValueError(f"dropout: cab attention has no dropout, got {dropout} in training mode")
-        b, nq, nk = query.shape[0], query.shape[2], key.shape[2]
+        nq, nk = query.shape[2], key.shape[2]
         mask = None if attention_mask is None else _as_bool_mask(attention_mask)
         layer = _last_updated_layer if _last_updated_layer is not None and _last_updated_layer.keys is key else None
         if layer is None:          # no CabCache: keys line up with the library's mask

@@ -77,7 +77,6 @@ def _left_pad_mask(b, nk, pads):
 def _yardstick(q, k, v, causal, key_mask):
     """Plain PyTorch in the test dtype: float32 softmax, P rounded to the dtype before P @ V."""
     b, hq, nq, d = q.shape
-    hkv = k.shape[1]
     p = ref.attention_probabilities(q, k, causal=causal, key_mask=key_mask)         # (B, Hkv, G, Nq, Nk)
     out = p.to(q.dtype).float() @ v.float()[:, :, None]                             # (B, Hkv, G, Nq, D)
     return out.reshape(b, hq, nq, d).to(q.dtype), p.sum(dim=(2, 3))
