@@ -401,7 +401,7 @@ def _decode_reduce_kernel(Mp, Lp, Ap, Lg, KM, Out, Scores,
 
 def _check_inputs(q, k, v, key_mask, scale, validate):
     """The reference's checks (shapes, devices, key_mask, scale), then what the kernels add."""
-    _ref._check_attention_inputs(q, k, v, key_mask, scale, False, dtypes=_SUPPORTED_DTYPES)
+    _ref.check_attention_inputs(q, k, v, key_mask, scale, False, dtypes=_SUPPORTED_DTYPES)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     d = q.shape[-1]
@@ -578,4 +578,4 @@ def attention(q, k, v, *, scale=None, causal=True, key_mask=None, validate=True)
 # ----------------------------------------------------------------------------------------------------
 # transformers: attn_implementation="cab_fast" (the reference's wrapper around this file's attention)
 
-_ref.register_attention("cab_fast", attention, validate=False)   # no host sync per layer and step
+_ref.register_attention("cab_fast", attention)

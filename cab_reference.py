@@ -5,12 +5,14 @@ and drops the rest, ranked by evidence gathered while the model runs: mostly the
 received. This file is the project's source of truth; `cab_fast.py` computes the same things faster.
 
 Reading order
-  1. EvictionConfig          what to keep, validated in one place
-  2. attention               softmax(QK^T)V plus the accumulated scores, grouped-query native
-  3. prompt evidence         the extra signals some policies rank by (observation window, question)
-  4. selection               one budgeted top-k routine shared by every policy
-  5. the policies            none, streaming, h2o, cab, snapkv, the five proposed fixes, match_span
-  6. transformers glue       the "cab_reference" attention implementation and CabCache
+  1. attention          softmax(QK^T)V plus the accumulated scores, grouped-query native
+  2. selection          fill a budget part by part (the one routine every policy shares)
+  3. the classic policies, each beside the evidence it ranks by:
+                        StreamingLLM, H2O, SnapKV, CAB
+  4. the fixes          why H2O and CAB lose the answer at 90% sparsity, and one policy per idea
+  5. choosing           EvictionConfig (policy + budget) and select_kept
+  6. the eviction loop  plain PyTorch state: cut the prompt, then per step append, attend, accumulate, evict
+  7. transformers       a thin adapter: the "cab_reference" attention implementation and CabCache
 
 Shape letters (used in every shape comment)
   B    batch                 Hq   query heads        Hkv  key/value heads      G = Hq // Hkv
@@ -21,118 +23,29 @@ Papers
   StreamingLLM: Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks".
   H2O:          Zhang et al. 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative Inference".
   SnapKV:       Li et al. 2024, "SnapKV: LLM Knows What You are Looking for Before Generation".
-  CAB:          the research code this project re-implements (local + bridge + importance); see
-                NOTES.md for where we differ from it and why.
+  CAB:          the research code this project re-implements; its policy splits the budget into
+                recent *local* tokens, *bridge* tokens that connect the important ones, and
+                *importance* heavy hitters (as H2O). NOTES.md says where we differ from it and why.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, replace
-from typing import Callable, NamedTuple
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Configuration
-
-POLICIES = (
-    "none",             # keep everything: the dense baseline through the same code path
-    "streaming",        # attention sinks + most recent tokens (StreamingLLM)
-    "h2o",              # heavy hitters by accumulated score + recent tokens (H2O)
-    "cab",              # local + importance + bridge tokens (CAB)
-    "snapkv",           # pooled scores from the last prompt queries + that window (SnapKV)
-    "question_aware",   # fix 1: accumulated score + alpha * similarity to the question
-    "bidirectional",    # fix 2: rank by a non-causal pass over the prompt
-    "delayed",          # fix 3: evict only after the first generated token has looked at the prompt
-    "dynamic_local",    # fix 4: CAB with the local ratio chosen from the prompt's structure
-    "hybrid_semantic",  # fix 5: recent tokens + the tokens most similar to the question
-    "match_span",       # fix 6: sinks + recent + the neighbourhood of the passage sharing the question's words
-)
-BRIDGE_MODES = ("median", "connectivity", "curvature")
-
-
-@dataclass
-class EvictionConfig:
-    policy: str = "cab"
-    sparsity: float = 0.9          # fraction of tokens dropped; the budget is max(1, floor((1 - s) * N))
-    budget: int | None = None      # tokens kept per layer and KV head; overrides sparsity when set
-    # the three-part CAB split of the budget (must sum to 1)
-    local_ratio: float = 0.3
-    bridge_ratio: float = 0.2
-    importance_ratio: float = 0.5
-    bridge: str = "median"         # how CAB picks bridge tokens, one of BRIDGE_MODES
-    per_head: bool = True          # one decision per KV head; False sums heads (the original CAB)
-    sink: int = 4                  # streaming: first tokens always kept
-    recent_ratio: float = 0.2      # two-part policies: share of the budget for the most recent tokens
-    window: int = 16               # snapkv: observation window (last prompt queries)
-    pool: int = 7                  # snapkv: max-pool width over neighbouring positions (odd)
-    alpha: float = 1.0             # question_aware: weight of the question similarity
-    qa_local_ratio: float = 0.9    # dynamic_local: local ratio used for a question-at-the-end prompt
-    qa_tail: int = 32              # dynamic_local: "at the end" = the question ends this close to the end
-    evict_every: int = 1           # decode: cut back to the budget once every this many new tokens; 1 keeps
-                                   #   the cache at the budget, more trades evict_every - 1 slots for fewer cuts
-    # match_span (question_match evidence): which words the passage shares with the question, then a
-    # neighbourhood around the best-matching stretch (the answer sits next to the words that match)
-    match_threshold: float = 0.5   # cos(v_j, v_i) above which key j counts as "the same word" as question token i
-    match_window: int = 9          # odd width of the moving average that turns word matches into a stretch score
-    span_radius: int = 9           # keep this many tokens either side of a well-matching stretch
-    match_layers: int = 1          # question_match averaged over the first match_layers layers, then reused
-    span_sinks: int = 1            # match_span's attention sinks (1: at 10% of a short prompt every slot counts)
-
-    def __post_init__(self):
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy: unknown policy {self.policy!r}; known policies: {', '.join(POLICIES)}")
-        if self.bridge not in BRIDGE_MODES:
-            raise ValueError(f"bridge: unknown mode {self.bridge!r}; known modes: {', '.join(BRIDGE_MODES)}")
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity: expected a value in [0, 1), got {self.sparsity}")
-        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int)
-                                        or self.budget < 1):
-            raise ValueError(f"budget: expected an integer >= 1 or None, got {self.budget!r}")
-        ratios = {"local_ratio": self.local_ratio, "bridge_ratio": self.bridge_ratio,
-                  "importance_ratio": self.importance_ratio, "recent_ratio": self.recent_ratio,
-                  "qa_local_ratio": self.qa_local_ratio}
-        for name, value in ratios.items():      # 1e-6 slack: 1 - 0.7 - 0.3 is -5.6e-17 in floating point
-            if not -1e-6 <= value <= 1.0 + 1e-6:
-                raise ValueError(f"{name}: expected a value in [0, 1], got {value}")
-        total = self.local_ratio + self.bridge_ratio + self.importance_ratio
-        if abs(total - 1.0) > 1e-6:
-            raise ValueError(f"local_ratio + bridge_ratio + importance_ratio must sum to 1 (within 1e-6), "
-                             f"got {self.local_ratio} + {self.bridge_ratio} + {self.importance_ratio} = {total}")
-        for name in ("sink", "window", "pool", "qa_tail", "match_window", "match_layers",
-                     "span_sinks", "evict_every"):
-            value = getattr(self, name)
-            least = 0 if name in ("sink", "span_sinks") else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name}: expected an integer >= {least}, got {value!r}")
-        if self.pool % 2 == 0:
-            raise ValueError(f"pool: expected an odd width so pooling stays centred, got {self.pool}")
-        if not math.isfinite(self.alpha):
-            raise ValueError(f"alpha: expected a finite number, got {self.alpha}")
-        if self.match_window % 2 == 0:
-            raise ValueError(f"match_window: expected an odd width so pooling stays centred, got {self.match_window}")
-        if isinstance(self.span_radius, bool) or not isinstance(self.span_radius, int) or self.span_radius < 0:
-            raise ValueError(f"span_radius: expected an integer >= 0, got {self.span_radius!r}")
-        if not -1.0 <= self.match_threshold < 1.0:   # 1.0 would divide by zero in question_match
-            raise ValueError(f"match_threshold: expected a value in [-1, 1), got {self.match_threshold}")
-
-    def budget_for(self, n: int) -> int:
-        """K, the number of tokens kept out of n: everything when n <= budget (or policy none)."""
-        if self.policy == "none":
-            return n
-        keep = self.budget if self.budget is not None else max(1, math.floor((1.0 - self.sparsity) * n))
-        return min(keep, n)
-
-
-# ----------------------------------------------------------------------------------------------------
-# 2. Attention with accumulated scores
+# 1. Attention with accumulated scores
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_attention_inputs(q, k, v, key_mask, scale, validate, dtypes=FLOAT_DTYPES):
+def check_attention_inputs(q, k, v, key_mask, scale, validate, dtypes=FLOAT_DTYPES):
     """The checks every attention implementation shares (cab_fast adds its kernels' own)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -206,7 +119,7 @@ def attention_probabilities(q, k, *, scale=None, causal=True, key_mask=None):
     return p / torch.where(row_sum > 0, row_sum, 1.0)                         # each visible row sums to 1
 
 
-def attention(q, k, v, *, scale=None, causal=True, key_mask=None, validate=True):
+def attention(q, k, v, *, scale=None, causal=True, key_mask=None, validate=False):
     """Scaled dot-product attention that also returns how much attention every key received.
 
         out[b, h, i]  = sum_j P[b, h, i, j] v_j
@@ -217,12 +130,13 @@ def attention(q, k, v, *, scale=None, causal=True, key_mask=None, validate=True)
     queries that could see key j: early keys are seen by more queries and collect more, which is H2O's
     choice too (kvpress's ObservedAttentionPress divides instead).
 
-    q [B, Hq, Nq, D]; k, v [B, Hkv, Nk, D]; key_mask [B, Nk] bool (True = real token) or None.
+    q [B, Hq, Nq, D]; k, v [B, Hkv, Nk, D]; key_mask [B, N] bool (True = real token) or None.
     Returns out [B, Hq, Nq, D] in q's dtype and scores [B, Hkv, Nk] float32 (float64 for float64 inputs).
-    validate=True rejects NaN/inf inputs with a ValueError (inputs must be finite); with validate=False
-    they are not looked at: a -inf logit acts as a masked key, a +inf or NaN logit makes its row NaN.
+    Values are not inspected by default, as in SDPA: a -inf logit acts as a masked key, a NaN or +inf
+    input makes its rows NaN. validate=True rejects NaN/inf inputs with a ValueError instead (it reads
+    the inputs once more and, on a GPU, waits for the answer).
     """
-    _check_attention_inputs(q, k, v, key_mask, scale, validate)
+    check_attention_inputs(q, k, v, key_mask, scale, validate)
     b, hq, nq, d = q.shape
     p = attention_probabilities(q, k, scale=scale, causal=causal, key_mask=key_mask)  # (B, Hkv, G, Nq, Nk)
     out = p @ v.to(p.dtype)[:, :, None]                                       # (B, Hkv, G, Nq, D)
@@ -231,13 +145,183 @@ def attention(q, k, v, *, scale=None, causal=True, key_mask=None, validate=True)
     return out, scores
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. Prompt evidence: what some policies rank by besides the accumulated scores
-#
-# Every function here returns one value per key [B, Hkv, N]. They are computed once over the prompt
-# (CabCache does this right after the prefill's attention) and travel with the cached keys afterwards.
+AttentionFn = Callable[..., tuple]   # attention's signature: (q, k, v, *, scale, causal, key_mask, validate)
 
-AttentionFn = Callable[..., tuple]
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Selection: fill the budget part by part
+#
+# A policy describes its keep-set as an ordered list of parts, e.g. H2O = [recent: 20% of K by
+# position, heavy: the rest by score]. Each part takes its `count` best tokens among those no earlier
+# part took. Ordering is always (real token before padding, higher priority, more recent): ties break
+# toward the more recent token, so selection is deterministic. Nothing here asks the device for a
+# value (no .item(), nonzero or bool()): a decode step's selection has static shapes.
+
+class Part(NamedTuple):
+    name: str
+    count: int
+    priority: object   # [B, H, N] tensor, or a function(available [B, H, N] bool) -> tensor
+
+
+class Selection(NamedTuple):
+    kept: torch.Tensor    # [B, H, K] int64, ascending: the token indices kept
+    part: torch.Tensor    # [B, H, K] int64: index into names of the part that kept each token
+    names: list           # the policy's part names, in the order they were filled
+    order: torch.Tensor   # [B, H, N] int64: every token, best first (kept ones in part order, then
+                          #   the evicted ones by the last part's priority): rank r = order.argsort()
+
+
+def recency(scores):
+    """Priority by position, later = higher: the most recent tokens first. [B, H, N] float32."""
+    return torch.arange(scores.shape[-1], device=scores.device, dtype=torch.float32).expand(scores.shape)
+
+
+def best_first(priority, available, valid):
+    """Token indices ordered best first: available real tokens, then available padding (by recency
+    only, so every head pads alike), then tokens already taken; within each, higher priority first and
+    ties to the more recent token."""
+    n = priority.shape[-1]
+    priority = torch.where(valid, torch.nan_to_num(priority, nan=-math.inf), 0.0)  # (B, H, N)
+    by_priority = torch.sort(priority.flip(-1), dim=-1, descending=True, stable=True).indices
+    order = (n - 1) - by_priority                                            # ties: later position first
+    tier = (2 * (available & valid).to(torch.int8) + (available & ~valid).to(torch.int8)).gather(-1, order)
+    return order.gather(-1, torch.sort(tier, dim=-1, descending=True, stable=True).indices)
+
+
+def fill_parts(parts, valid) -> Selection:
+    """Fill the parts in order; the counts add up to K. valid [B, H, N] bool (False = padding)."""
+    n = valid.shape[-1]
+    k = sum(p.count for p in parts)
+    if k > n:
+        raise RuntimeError(f"parts {[p.name for p in parts]} ask for {k} tokens out of {n}")
+    taken = torch.zeros_like(valid)                                          # (B, H, N)
+    part_of = torch.full(valid.shape, -1, dtype=torch.int64, device=valid.device)
+    chosen_in_order = []
+    for index, part in enumerate(parts):
+        priority = part.priority(valid & ~taken) if callable(part.priority) else part.priority
+        chosen = best_first(priority, ~taken, valid)[..., :part.count]       # (B, H, count)
+        taken = taken.scatter(-1, chosen, True)
+        part_of = part_of.scatter(-1, chosen, index)
+        chosen_in_order.append(chosen)
+    evicted = best_first(priority, ~taken, valid)[..., :n - k]               # (B, H, N - K)
+    order = torch.cat(chosen_in_order + [evicted], dim=-1)                   # (B, H, N)
+    index = torch.arange(n, device=valid.device).expand(valid.shape)
+    kept = torch.where(taken, index, n).sort(dim=-1).values[..., :k]         # (B, H, K), ascending
+    return Selection(kept, part_of.gather(-1, kept), [p.name for p in parts], order)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The classic policies
+#
+# A policy is a small frozen dataclass: its fields are its knobs, `evidence` computes the per-key
+# signals it ranks by from the prompt (once, right after the prompt's attention), and `parts` splits a
+# budget of k tokens into Parts. Protected tokens (sinks, the recent window, SnapKV's observation
+# window) are parts ranked by position, so they are kept by construction and rank dumps show real
+# scores, not sentinels. Adding a policy means adding one class here (and its tests).
+
+class Prompt(NamedTuple):
+    """What a policy may look at when the prompt is cut: one layer's prompt attention inputs."""
+    q: torch.Tensor                    # [B, Hq, N, D] the prompt's queries (RoPE applied)
+    k: torch.Tensor                    # [B, Hkv, N, D]
+    v: torch.Tensor                    # [B, Hkv, N, D]
+    scale: float | None
+    key_mask: torch.Tensor | None      # [B, N] bool, False = padding
+    question_mask: torch.Tensor | None  # [B, N] bool, True = the question's tokens (CabCache's question_span)
+    attention_fn: AttentionFn          # cab_reference.attention or its fast twin
+
+
+def _check_int(name, value, least):
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name}: expected an integer >= {least}, got {value!r}")
+
+
+def _check_fraction(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}: expected a value in [0, 1], got {value!r}")
+
+
+def _check_odd(name, value):
+    _check_int(name, value, 1)
+    if value % 2 == 0:
+        raise ValueError(f"{name}: expected an odd width so pooling stays centred, got {value}")
+
+
+def _need(context, name, policy):
+    if context.get(name) is None:
+        raise ValueError(f"{name}: policy {policy!r} ranks by it; compute it with its evidence(...) "
+                         f"(prompt_evidence, or CabCache does it for you)")
+    return context[name]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Base class: the knobs are the dataclass fields; subclasses set `name` and define `parts`."""
+    name: ClassVar[str] = ""
+    needs_question: ClassVar[bool] = False   # True: evidence needs CabCache(question_span=...)
+
+    def evidence(self, prompt: Prompt) -> dict:
+        """Extra per-key evidence {name: [B, Hkv, N]} ranked by `parts`; most policies need none."""
+        return {}
+
+    def parts(self, scores, k, context) -> list:
+        """Split a budget of k < N tokens into Parts; scores [B, H, N], context as select_kept's."""
+        raise NotImplementedError
+
+    def select(self, scores, k, context, valid) -> Selection:
+        """Fill the parts (a policy whose split differs between batch rows overrides this)."""
+        return fill_parts(self.parts(scores, k, context), valid)
+
+    def fill_value(self, evidence_name) -> float:
+        """The evidence a token gets when it enters the cache after the prompt."""
+        return 0.0
+
+    def layer_pooling(self) -> dict:
+        """{evidence name: L}: use the mean of that evidence over the first L layers in every layer."""
+        return {}
+
+
+@dataclass(frozen=True)
+class Dense(Policy):
+    """Keep everything: the dense baseline through the same code path."""
+    name: ClassVar[str] = "none"
+
+    def parts(self, scores, k, context):
+        return [Part("all", k, recency(scores))]
+
+
+@dataclass(frozen=True)
+class StreamingLLM(Policy):
+    """StreamingLLM: the first `sinks` tokens soak up attention mass whatever they say, so keep them
+    (the "attention sinks"), and fill the rest with the most recent tokens."""
+    name: ClassVar[str] = "streaming"
+    sinks: int = 4                 # first tokens always kept
+
+    def __post_init__(self):
+        _check_int("sinks", self.sinks, 0)
+
+    def parts(self, scores, k, context):
+        sinks = min(self.sinks, k)
+        return [Part("sink", sinks, -recency(scores)), Part("recent", k - sinks, recency(scores))]
+
+
+def recent_and(k, recent_ratio, scores, name, priority):
+    """The two-part shape of H2O and its variants: recent_ratio of K (at least 1) for the most recent
+    tokens, the rest for the highest `priority`."""
+    recent = min(k, max(1, int(k * recent_ratio)))
+    return [Part("recent", recent, recency(scores)), Part(name, k - recent, priority)]
+
+
+@dataclass(frozen=True)
+class H2O(Policy):
+    """H2O: heavy hitters, the keys with the largest accumulated attention, plus a recent window."""
+    name: ClassVar[str] = "h2o"
+    recent_ratio: float = 0.2      # share of the budget for the most recent tokens (at least 1)
+
+    def __post_init__(self):
+        _check_fraction("recent_ratio", self.recent_ratio)
+
+    def parts(self, scores, k, context):
+        return recent_and(k, self.recent_ratio, scores, "heavy", scores)
 
 
 def window_scores(q, k, v, window, *, scale=None, key_mask=None, attention_fn: AttentionFn = attention):
@@ -249,75 +333,40 @@ def window_scores(q, k, v, window, *, scale=None, key_mask=None, attention_fn: A
     return attention_fn(q[:, :, -window:], k, v, scale=scale, causal=True, key_mask=key_mask)[1]  # (B, Hkv, N)
 
 
-def bidirectional_scores(q, k, v, *, scale=None, key_mask=None, attention_fn: AttentionFn = attention):
-    """Fix 2's evidence: column sums of a *non-causal* pass, so early tokens are also judged by what
-    later tokens (the question) make of them. Used only for ranking; the model's outputs stay causal."""
-    return attention_fn(q, k, v, scale=scale, causal=False, key_mask=key_mask)[1]         # (B, Hkv, N)
+@dataclass(frozen=True)
+class SnapKV(Policy):
+    """SnapKV: the prompt's last `window` queries already "know" what the answer will need. Keep that
+    window, and rank the rest by the window's attention max-pooled over `pool` neighbours (so a
+    neighbourhood survives, not isolated tokens). The kept window is clamped to half the budget: a
+    window larger than K would keep nothing else. After the prompt, decode-time evictions pool the
+    accumulated scores instead (the window's evidence is for prompt tokens only)."""
+    name: ClassVar[str] = "snapkv"
+    window: int = 16               # observation window: the last prompt queries
+    pool: int = 7                  # max-pool width over neighbouring positions (odd)
+
+    def __post_init__(self):
+        _check_int("window", self.window, 1)
+        _check_odd("pool", self.pool)
+
+    def evidence(self, prompt):
+        return {"window_scores": window_scores(prompt.q, prompt.k, prompt.v, self.window, scale=prompt.scale,
+                                               key_mask=prompt.key_mask, attention_fn=prompt.attention_fn)}
+
+    def parts(self, scores, k, context):
+        evidence = context.get("window_scores", scores)
+        pooled = F.max_pool1d(evidence.float(), self.pool, stride=1, padding=self.pool // 2)   # (B, H, N)
+        window = min(self.window, k // 2)
+        return [Part("recent", window, recency(scores)), Part("pooled", k - window, pooled)]
 
 
-def question_similarity(q, k, question_mask):
-    """Cosine similarity of every key to the question: cos(k_j, mean of the question's queries).
-
-    We compare the layer's own keys with the layer's own queries at the question positions, averaged
-    over the query heads of each KV head's group. That is the geometry the model itself uses to match
-    (q.k is its attention logit), unlike hidden states, which mix every head's subspace; cosine instead
-    of softmax keeps the comparison free of the few keys that dominate a softmax row. RoPE is applied to
-    both, so nearby positions are favoured slightly, as they are by the model.
-
-    q [B, Hq, Nq, D] (the prompt's queries, Nq = N); k [B, Hkv, N, D]; question_mask [B, N] bool.
-    Returns [B, Hkv, N] float32 in [-1, 1]; rows with no question tokens get 0.
-    """
-    b, hq, nq, d = q.shape
-    hkv = k.shape[1]
-    qm = question_mask[:, -nq:].to(torch.float32)                            # (B, Nq) question queries
-    qg = q.float().view(b, hkv, hq // hkv, nq, d)                            # (B, Hkv, G, Nq, D)
-    weights = qm[:, None, None, :, None]                                     # (B, 1, 1, Nq, 1)
-    count = qm.sum(-1).clamp_min(1.0)[:, None, None]                         # (B, 1, 1)
-    center = (qg * weights).sum(dim=(2, 3)) / (count * (hq // hkv))          # (B, Hkv, D)
-    sim = F.cosine_similarity(k.float(), center[:, :, None, :], dim=-1, eps=1e-8)   # (B, Hkv, N)
-    return sim * (qm.sum(-1) > 0)[:, None, None]                             # (B, Hkv, N)
-
-
-def question_match(v, question_mask, threshold=0.5, key_mask=None):
-    """Fix 6's evidence: how strongly key j shares a word with the question, rare words counting more.
-
-    Values carry no RoPE, and in the first layers a value is mostly a function of the token itself, so
-    cos(v_j, v_i) close to 1 means "token j is the same word as question token i" wherever they stand.
-    With m[j, i] = relu((cos(v_j, v_i) - threshold) / (1 - threshold)) for question tokens i and keys j
-    before the question,
-
-        question_match[j] = sum over i of m[j, i] / (1 + sum over j' of m[j', i]),
-
-    an inverse-document-frequency weighting: a question word found all over the context ("the", "of")
-    adds little, one found in a single place adds up to 1. Cosines are averaged over the KV heads (word
-    identity is not a per-head matter), so every head gets the same evidence, normalised to sum 1 over
-    the keys. Keys from the question on get 0 (the question matches itself).
-
-    v [B, Hkv, N, D]; question_mask [B, N] bool; key_mask [B, N] or None. Returns [B, Hkv, N] float32.
-    """
-    b, hkv, n, _ = v.shape
-    cols = question_mask.any(dim=0).nonzero().squeeze(-1)                   # (Q,) question positions, any row
-    vn = F.normalize(v.float(), dim=-1)                                      # (B, Hkv, N, D)
-    cos = (vn @ vn[:, :, cols].mT).mean(dim=1)                               # (B, N, Q) key j x question token i
-    m = ((cos - threshold) / (1.0 - threshold)).clamp_min(0.0)               # (B, N, Q)
-    positions = torch.arange(n, device=v.device)
-    first = torch.where(question_mask, positions, n).amin(dim=-1)            # (B,) question start
-    before = positions[None, :] < first[:, None]                             # (B, N) candidate keys
-    if key_mask is not None:
-        before = before & key_mask
-    m = m * before[:, :, None] * question_mask[:, None, cols]                # (B, N, Q) this row's question only
-    idf = 1.0 / (1.0 + m.sum(dim=1, keepdim=True))                           # (B, 1, Q)
-    match = (m * idf).sum(dim=-1)                                            # (B, N)
-    match = match / match.sum(dim=-1, keepdim=True).clamp_min(1e-30)         # rows sum to 1 (or 0)
-    return match[:, None, :].expand(b, hkv, n).contiguous()                  # (B, Hkv, N)
-
+# CAB's bridge evidence. "median" needs only the scores; the graph modes look at the prompt's attention.
 
 def attention_graph(q, k, *, scale=None, key_mask=None):
     """The prompt's causal attention as a token graph per KV head: W = mean over the group of P.
 
     Rows are queries, columns keys, for the last Nq of the N tokens (a prefill has Nq = N); rows of
     earlier tokens are zero. This materialises N x N per KV head, so only the graph-based bridge modes
-    use it (NOTES.md: "which policies need more than scores").
+    use it.
     """
     p = attention_probabilities(q, k, scale=scale, causal=True, key_mask=key_mask)  # (B, Hkv, G, Nq, N)
     w = p.mean(dim=2)                                                        # (B, Hkv, Nq, N)
@@ -367,6 +416,487 @@ def forman_curvature(graph, key_mask=None):
     return torch.where(deg > 0, node_f, math.inf)
 
 
+def median_bridge(scores):
+    """Bridge mode "median" (O(N)): among the tokens not yet taken, those whose accumulated score is
+    closest to the median of theirs: neither heavy hitters nor noise."""
+    def priority(available):
+        rest = scores.masked_fill(~available, math.nan)                      # (B, H, N)
+        median = rest.nanmedian(dim=-1, keepdim=True).values                 # (B, H, 1)
+        return -(scores - median).abs()
+    return priority
+
+
+BRIDGE_MODES = ("median", "connectivity", "curvature")
+
+
+@dataclass(frozen=True)
+class CAB(Policy):
+    """CAB: three parts of the budget, in this order:
+      local (recent) = int(K * recent_ratio) most recent tokens,
+      importance     = K - local - bridge heavy hitters by accumulated score (as in H2O),
+      bridge         = int(K * bridge_ratio) tokens that connect the others, by `bridge` mode:
+                       "median" (accumulated score closest to the median of the rest, O(N)),
+                       "connectivity" or "curvature" (of the prompt's attention graph, N x N per head).
+    Importance takes what the other two leave, so recent_ratio + bridge_ratio must be <= 1."""
+    name: ClassVar[str] = "cab"
+    recent_ratio: float = 0.3      # CAB's "local" share: the most recent tokens
+    bridge_ratio: float = 0.2      # tokens connecting the important ones
+    bridge: str = "median"         # one of BRIDGE_MODES
+
+    def __post_init__(self):
+        _check_fraction("recent_ratio", self.recent_ratio)
+        _check_fraction("bridge_ratio", self.bridge_ratio)
+        if self.recent_ratio + self.bridge_ratio > 1.0 + 1e-9:
+            raise ValueError(f"recent_ratio + bridge_ratio: expected at most 1 (importance takes the rest), "
+                             f"got {self.recent_ratio} + {self.bridge_ratio}")
+        if self.bridge not in BRIDGE_MODES:
+            raise ValueError(f"bridge: unknown mode {self.bridge!r}; known modes: {', '.join(BRIDGE_MODES)}")
+
+    def evidence(self, prompt):
+        if self.bridge == "median":
+            return {}
+        graph = attention_graph(prompt.q, prompt.k, scale=prompt.scale, key_mask=prompt.key_mask)  # (B, Hkv, N, N)
+        measure = connectivity if self.bridge == "connectivity" else forman_curvature
+        return {self.bridge: measure(graph, prompt.key_mask)}
+
+    def fill_value(self, evidence_name):
+        return math.inf if evidence_name == "curvature" else 0.0              # new tokens: never a bridge
+
+    def parts(self, scores, k, context):
+        return self.split(scores, k, context, self.recent_ratio, self.bridge_ratio)
+
+    def split(self, scores, k, context, recent_ratio, bridge_ratio):
+        local, bridge = int(k * recent_ratio), int(k * bridge_ratio)
+        if self.bridge == "median":
+            bridge_priority = median_bridge(scores)
+        elif self.bridge == "connectivity":
+            bridge_priority = _need(context, "connectivity", self.name)
+        else:
+            bridge_priority = -_need(context, "curvature", self.name)        # lowest curvature first
+        return [Part("local", local, recency(scores)),
+                Part("importance", k - local - bridge, scores),
+                Part("bridge", bridge, bridge_priority)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. The fixes
+#
+# The failure: at 90% sparsity H2O and CAB keep almost none of the answer to a question about a long
+# context ("McLaren Vale" in diagnose.py's default prompt). Accumulated causal attention favours the
+# first token, sentence-final periods and early filler; the answer is a few tokens in the middle that
+# no query has needed yet. Each fix below changes one thing about what ranks the prompt.
+
+def question_similarity(q, k, question_mask):
+    """Cosine similarity of every key to the question: cos(k_j, mean of the question's queries).
+
+    We compare the layer's own keys with the layer's own queries at the question positions, averaged
+    over the query heads of each KV head's group. That is the geometry the model itself uses to match
+    (q.k is its attention logit), unlike hidden states, which mix every head's subspace; cosine instead
+    of softmax keeps the comparison free of the few keys that dominate a softmax row. RoPE is applied to
+    both, so nearby positions are favoured slightly, as they are by the model.
+
+    q [B, Hq, Nq, D] (the prompt's queries, Nq = N); k [B, Hkv, N, D]; question_mask [B, N] bool.
+    Returns [B, Hkv, N] float32 in [-1, 1]; rows with no question tokens get 0.
+    """
+    b, hq, nq, d = q.shape
+    hkv = k.shape[1]
+    qm = question_mask[:, -nq:].to(torch.float32)                            # (B, Nq) question queries
+    qg = q.float().view(b, hkv, hq // hkv, nq, d)                            # (B, Hkv, G, Nq, D)
+    weights = qm[:, None, None, :, None]                                     # (B, 1, 1, Nq, 1)
+    count = qm.sum(-1).clamp_min(1.0)[:, None, None]                         # (B, 1, 1)
+    center = (qg * weights).sum(dim=(2, 3)) / (count * (hq // hkv))          # (B, Hkv, D)
+    sim = F.cosine_similarity(k.float(), center[:, :, None, :], dim=-1, eps=1e-8)   # (B, Hkv, N)
+    return sim * (qm.sum(-1) > 0)[:, None, None]                             # (B, Hkv, N)
+
+
+def _question_similarity_evidence(policy, prompt):
+    if prompt.question_mask is None:
+        raise ValueError(f"question_span: policy {policy.name!r} needs the question's token positions")
+    return {"question_similarity": question_similarity(prompt.q, prompt.k, prompt.question_mask)}
+
+
+def max_normalised(x):
+    """x / max over tokens, so heavy hitters land in [0, 1] whatever the prompt length."""
+    return x / x.amax(dim=-1, keepdim=True).clamp_min(1e-30)
+
+
+@dataclass(frozen=True)
+class QuestionAware(Policy):
+    """Fix 1, question-aware scoring. Fixes: accumulated attention ignores what was asked. Changes: heavy
+    hitters by  scores / max(scores) + alpha * cos(key, question)  (question_similarity), plus the
+    recent window; normalising the scores puts both terms on the same [0, 1]-ish scale.
+    Still fails (NOTES.md): keys similar to the question's mean query are the question's own words."""
+    name: ClassVar[str] = "question_aware"
+    needs_question: ClassVar[bool] = True
+    recent_ratio: float = 0.2
+    alpha: float = 1.0             # weight of the question similarity
+
+    def __post_init__(self):
+        _check_fraction("recent_ratio", self.recent_ratio)
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise ValueError(f"alpha: expected a finite number, got {self.alpha!r}")
+
+    def evidence(self, prompt):
+        return _question_similarity_evidence(self, prompt)
+
+    def parts(self, scores, k, context):
+        sim = _need(context, "question_similarity", self.name)
+        return recent_and(k, self.recent_ratio, scores, "question_aware", max_normalised(scores) + self.alpha * sim)
+
+
+def bidirectional_scores(q, k, v, *, scale=None, key_mask=None, attention_fn: AttentionFn = attention):
+    """Fix 2's evidence: column sums of a *non-causal* pass, so early tokens are also judged by what
+    later tokens (the question) make of them. Used only for ranking; the model's outputs stay causal."""
+    return attention_fn(q, k, v, scale=scale, causal=False, key_mask=key_mask)[1]         # (B, Hkv, N)
+
+
+@dataclass(frozen=True)
+class Bidirectional(Policy):
+    """Fix 2, bidirectional scoring. Fixes: a causal context token is only judged by the tokens before
+    it, never by the question after it. Changes: heavy hitters by a non-causal pass over the prompt
+    (bidirectional_scores), plus the recent window; decode-time evictions use the causal scores.
+    Still fails (NOTES.md): the extra mass still lands on sinks and on the question's own words."""
+    name: ClassVar[str] = "bidirectional"
+    recent_ratio: float = 0.2
+
+    def __post_init__(self):
+        _check_fraction("recent_ratio", self.recent_ratio)
+
+    def evidence(self, prompt):
+        return {"bidirectional_scores": bidirectional_scores(prompt.q, prompt.k, prompt.v, scale=prompt.scale,
+                                                             key_mask=prompt.key_mask,
+                                                             attention_fn=prompt.attention_fn)}
+
+    def parts(self, scores, k, context):
+        return recent_and(k, self.recent_ratio, scores, "bidirectional", context.get("bidirectional_scores", scores))
+
+
+@dataclass(frozen=True)
+class Delayed(Policy):
+    """Fix 3, delayed eviction. Fixes: the prompt is cut before any token has asked for the answer.
+    Changes: nothing is evicted during the prefill; the cut waits for the first generated token, whose
+    attention (decode_scores: attention received after the prompt, accumulated) ranks the heavy
+    hitters. Costs a full-size cache for one step. Still fails (NOTES.md): one token's attention in a
+    small model is mostly on the sink."""
+    name: ClassVar[str] = "delayed"
+    recent_ratio: float = 0.2
+
+    def __post_init__(self):
+        _check_fraction("recent_ratio", self.recent_ratio)
+
+    def evidence(self, prompt):
+        return {"decode_scores": torch.zeros(prompt.k.shape[:3], device=prompt.k.device)}   # (B, Hkv, N)
+
+    def parts(self, scores, k, context):
+        return recent_and(k, self.recent_ratio, scores, "first_token", _need(context, "decode_scores", self.name))
+
+
+def is_question_at_end(question_mask, n, tail):
+    """True per row when the question's last token lies within `tail` tokens of the end."""
+    positions = torch.arange(n, device=question_mask.device)
+    last = torch.where(question_mask, positions, -1).amax(dim=-1)            # (B, 1|H)
+    return (last >= 0) & (last >= n - tail)
+
+
+@dataclass(frozen=True)
+class DynamicLocal(CAB):
+    """Fix 4, a local ratio from the prompt's structure. Fixes: CAB's fixed 30% recent share is wrong
+    for a QA prompt, whose recent tokens are the question. Changes: a question at the end (within
+    qa_tail tokens) gives local = qa_recent_ratio, bridge and importance share the rest in their
+    configured proportion; otherwise CAB's ratios. The question's position comes from question_mask,
+    never from guessing at strings. Still fails (NOTES.md): the recent tokens are the question, not
+    the answer."""
+    name: ClassVar[str] = "dynamic_local"
+    qa_recent_ratio: float = 0.9   # recent share when the question ends the prompt
+    qa_tail: int = 32              # "at the end" = the question ends this close to the end
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_fraction("qa_recent_ratio", self.qa_recent_ratio)
+        _check_int("qa_tail", self.qa_tail, 1)
+
+    def select(self, scores, k, context, valid):
+        qm = context.get("question_mask")
+        cab = super().select(scores, k, context, valid)
+        if qm is None:
+            return cab
+        other = 1.0 - self.recent_ratio
+        share = self.bridge_ratio / other if other > 0 else 0.0
+        qa = fill_parts(self.split(scores, k, context, self.qa_recent_ratio, (1.0 - self.qa_recent_ratio) * share),
+                        valid)
+        at_end = is_question_at_end(qm, scores.shape[-1], self.qa_tail)[..., None]   # (B, 1|H, 1), per row
+        return Selection(*(torch.where(at_end, a, c) for a, c in zip(qa[:2], cab[:2])), cab.names,
+                         torch.where(at_end, qa.order, cab.order))
+
+
+@dataclass(frozen=True)
+class HybridSemantic(Policy):
+    """Fix 5, hybrid local + semantic. Fixes: attention is the wrong signal altogether. Changes: the
+    recent window plus the tokens most similar to the question (question_similarity), ignoring the
+    scores. Still fails (NOTES.md): similar keys are the question's words, not the answer."""
+    name: ClassVar[str] = "hybrid_semantic"
+    needs_question: ClassVar[bool] = True
+    recent_ratio: float = 0.2
+
+    def __post_init__(self):
+        _check_fraction("recent_ratio", self.recent_ratio)
+
+    def evidence(self, prompt):
+        return _question_similarity_evidence(self, prompt)
+
+    def parts(self, scores, k, context):
+        return recent_and(k, self.recent_ratio, scores, "semantic", _need(context, "question_similarity", self.name))
+
+
+def question_match(v, question_mask, threshold=0.5, key_mask=None):
+    """MatchSpan's evidence: how strongly key j shares a word with the question, rare words counting more.
+
+    Values carry no RoPE, and in the first layers a value is mostly a function of the token itself, so
+    cos(v_j, v_i) close to 1 means "token j is the same word as question token i" wherever they stand.
+    With m[j, i] = relu((cos(v_j, v_i) - threshold) / (1 - threshold)) for question tokens i and keys j
+    before the question,
+
+        question_match[j] = sum over i of m[j, i] / (1 + sum over j' of m[j', i]),
+
+    an inverse-document-frequency weighting: a question word found all over the context ("the", "of")
+    adds little, one found in a single place adds up to 1. Cosines are averaged over the KV heads (word
+    identity is not a per-head matter), so every head gets the same evidence, normalised to sum 1 over
+    the keys. Keys from the question on get 0 (the question matches itself).
+
+    v [B, Hkv, N, D]; question_mask [B, N] bool; key_mask [B, N] or None. Returns [B, Hkv, N] float32.
+    """
+    b, hkv, n, _ = v.shape
+    cols = question_mask.any(dim=0).nonzero().squeeze(-1)                   # (Q,) question positions, any row
+    vn = F.normalize(v.float(), dim=-1)                                      # (B, Hkv, N, D)
+    cos = (vn @ vn[:, :, cols].mT).mean(dim=1)                               # (B, N, Q) key j x question token i
+    m = ((cos - threshold) / (1.0 - threshold)).clamp_min(0.0)               # (B, N, Q)
+    positions = torch.arange(n, device=v.device)
+    first = torch.where(question_mask, positions, n).amin(dim=-1)            # (B,) question start
+    before = positions[None, :] < first[:, None]                             # (B, N) candidate keys
+    if key_mask is not None:
+        before = before & key_mask
+    m = m * before[:, :, None] * question_mask[:, None, cols]                # (B, N, Q) this row's question only
+    idf = 1.0 / (1.0 + m.sum(dim=1, keepdim=True))                           # (B, 1, Q)
+    match = (m * idf).sum(dim=-1)                                            # (B, N)
+    match = match / match.sum(dim=-1, keepdim=True).clamp_min(1e-30)         # rows sum to 1 (or 0)
+    return match[:, None, :].expand(b, hkv, n).contiguous()                  # (B, Hkv, N)
+
+
+@dataclass(frozen=True)
+class MatchSpan(Policy):
+    """Fix 6, keep the passage that answers the question. Fixes: attention from the question lands on
+    the needle's words that *match* the question, not on the answer beside them, and in a small model
+    mostly on sinks and on the question's own label (NOTES.md). Changes: rank by word overlap with the
+    question (question_match, from the first `layers` layers) and keep whole neighbourhoods:
+        stretch[j]  = mean of question_match over the `window` tokens centred on j,
+        priority[j] = max of stretch over the `radius` tokens either side of j,
+    so every token within `radius` of the best-matching stretch ties at that stretch's value and the
+    whole neighbourhood is kept (2 * radius + 1 tokens), then the next-best stretch.
+    Parts: the first `sinks` tokens, recent_ratio of K (at least 1) most recent tokens (the chat
+    template's tail and the end of the question), the rest by priority. Decode-time evictions pool over
+    the remaining slots (new tokens have question_match 0).
+    Without a question (no question_span) it ranks the rest by accumulated score, i.e. it is H2O with
+    sinks. Still fails (NOTES.md): bridge questions, whose answer's sentence shares no word with the
+    question, and paraphrased predicates far from the named entity."""
+    name: ClassVar[str] = "match_span"
+    sinks: int = 1                 # attention sinks (1: at 10% of a short prompt every slot counts)
+    recent_ratio: float = 0.2
+    threshold: float = 0.5         # cos(v_j, v_i) above which key j counts as "the same word" as question token i
+    window: int = 9                # odd width of the moving average that turns word matches into a stretch score
+    radius: int = 9                # keep this many tokens either side of a well-matching stretch
+    layers: int = 1                # question_match averaged over the first `layers` layers, then reused
+
+    def __post_init__(self):
+        _check_int("sinks", self.sinks, 0)
+        _check_fraction("recent_ratio", self.recent_ratio)
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                or not -1.0 <= self.threshold < 1.0:      # 1.0 would divide by zero in question_match
+            raise ValueError(f"threshold: expected a value in [-1, 1), got {self.threshold!r}")
+        _check_odd("window", self.window)
+        _check_int("radius", self.radius, 0)
+        _check_int("layers", self.layers, 1)
+
+    def evidence(self, prompt):
+        if prompt.question_mask is None:
+            return {}
+        return {"question_match": question_match(prompt.v, prompt.question_mask, self.threshold, prompt.key_mask)}
+
+    def layer_pooling(self):
+        return {"question_match": self.layers}   # word identity is clearest in the first layers
+
+    def parts(self, scores, k, context):
+        sinks = min(self.sinks, k)
+        recent = min(k - sinks, max(1, int(k * self.recent_ratio)))
+        head = [Part("sink", sinks, -recency(scores)), Part("recent", recent, recency(scores))]
+        match = context.get("question_match")
+        if match is None:
+            return head + [Part("heavy", k - sinks - recent, scores)]
+        b, h, n = match.shape
+        stretch = F.avg_pool1d(match.float().reshape(b * h, 1, n), self.window, stride=1,
+                               padding=self.window // 2, count_include_pad=False)   # (B*H, 1, N)
+        priority = F.max_pool1d(stretch, 2 * self.radius + 1, stride=1, padding=self.radius)
+        return head + [Part("span", k - sinks - recent, priority.reshape(b, h, n))]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Choosing: EvictionConfig and select_kept
+
+POLICY_TYPES = {cls.name: cls for cls in (Dense, StreamingLLM, H2O, SnapKV, CAB, QuestionAware, Bidirectional,
+                                          Delayed, DynamicLocal, HybridSemantic, MatchSpan)}
+
+
+def register_policy(cls):
+    """Add a Policy subclass to POLICY_TYPES (and so to POLICIES); usable as a class decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, Policy) and cls.name):
+        raise TypeError(f"register_policy: expected a Policy subclass with a name, got {cls!r}")
+    POLICY_TYPES[cls.name] = cls
+    global POLICIES
+    POLICIES = tuple(POLICY_TYPES)
+    return cls
+
+
+POLICIES = tuple(POLICY_TYPES)     # the names: "none", "streaming", "h2o", "snapkv", "cab", ...
+
+
+def make_policy(name: str, **knobs) -> Policy:
+    """The policy called `name`, with its knobs (its dataclass fields) set from keyword arguments."""
+    if name not in POLICY_TYPES:
+        raise ValueError(f"policy: unknown policy {name!r}; known policies: {', '.join(POLICY_TYPES)}")
+    cls = POLICY_TYPES[name]
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(knobs) - set(known))
+    if unknown:
+        raise TypeError(f"policy {name!r} has no knob {', '.join(unknown)}; its knobs: {', '.join(known) or 'none'}")
+    return cls(**knobs)
+
+
+@dataclass
+class EvictionConfig:
+    """What to keep: a policy and a budget, shared by the reference and the fast twin.
+
+    policy    a name from POLICIES (default knobs) or a policy object with its own knobs, e.g.
+              EvictionConfig(policy=SnapKV(window=32)); after construction always the object.
+              The default, "match_span", keeps the passage sharing the question's words when
+              CabCache is given question_span, and is H2O with one sink without one.
+    sparsity  fraction of tokens dropped: K = max(1, floor((1 - sparsity) * N)), in exact decimal
+              arithmetic (sparsity 0.9 of 50 tokens keeps 5).
+    budget    tokens kept per layer and KV head; overrides sparsity when set.
+    per_head  one decision per KV head; False sums the heads' scores (one decision per layer, as the
+              original CAB code).
+    Each policy's own knobs are its dataclass fields: help(cab_reference.H2O), dataclasses.fields(...).
+    """
+    policy: str | Policy = "match_span"
+    sparsity: float = 0.9
+    budget: int | None = None
+    per_head: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.policy, str):
+            self.policy = make_policy(self.policy)
+        elif not isinstance(self.policy, Policy):
+            raise TypeError(f"policy: expected a name from {', '.join(POLICIES)} or a Policy object, "
+                            f"got {type(self.policy).__name__}")
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) \
+                or not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity: expected a value in [0, 1), got {self.sparsity!r}")
+        if self.budget is not None:
+            _check_int("budget", self.budget, 1)
+        if not isinstance(self.per_head, bool):
+            raise ValueError(f"per_head: expected True or False, got {self.per_head!r}")
+
+    def budget_for(self, n: int) -> int:
+        """K, the number of tokens kept out of n: everything when n <= budget (or the Dense policy)."""
+        if isinstance(self.policy, Dense):
+            return n
+        return min(self.cache_budget(n), n)
+
+    def cache_budget(self, n: int):
+        """The size a cache holds to after a prompt of n tokens: the budget itself, not min(budget, n),
+        so a short prompt leaves room to grow into; math.inf for Dense (never evicts)."""
+        if isinstance(self.policy, Dense):
+            return math.inf
+        if self.budget is not None:
+            return self.budget
+        return max(1, math.floor((1 - Fraction(str(self.sparsity))) * n))   # exact: 0.1 * 50 is 5, not 4.99..
+
+
+def select_parts(scores, config: EvictionConfig, **context) -> Selection:
+    """select_kept, with the why: which part kept each token and the full keep order (for diagnose)."""
+    scores = _check_scores(scores)
+    context = _check_context(context, scores)
+    return choose(scores, config.budget_for(scores.shape[-1]), config.policy, config.per_head, context)
+
+
+def select_kept(scores, config: EvictionConfig, **context):
+    """The tokens to keep: int64 indices [B, Hkv, K] sorted ascending, K = config.budget_for(N).
+
+    scores [B, Hkv, N]: accumulated attention per key. context (all optional unless a policy needs it):
+      key_mask [B, N] bool          False for padding; padding is kept only when real tokens run out
+      question_mask [B, N] bool     the question's tokens (dynamic_local)
+      any evidence [B, Hkv, N]      what the policy's evidence() returns (window_scores, question_match, ...)
+    """
+    return select_parts(scores, config, **context).kept
+
+
+def choose(scores, k, policy: Policy, per_head: bool, context) -> Selection:
+    """The selection itself, on checked inputs (the eviction loop calls this directly)."""
+    b, h, n = scores.shape
+    if not per_head:               # one decision per layer: sum heads (the original CAB code's choice)
+        scores, context = _merge_heads(scores, context)
+    valid = context.get("key_mask")
+    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid.expand(scores.shape)
+    if k == n:                     # everything fits: keep all, no ranking needed
+        selection = fill_parts([Part("all", n, recency(scores))], valid)
+    else:
+        selection = policy.select(scores, k, context, valid)
+    if not per_head:
+        selection = selection._replace(**{f: getattr(selection, f).expand(b, h, -1) for f in ("kept", "part", "order")})
+    return selection
+
+
+MASK_KEYS = ("key_mask", "question_mask")
+
+
+def _check_scores(scores):
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 3:
+        raise ValueError(f"scores: expected a tensor [B, Hkv, N], got "
+                         f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
+    if not scores.is_floating_point():
+        raise TypeError(f"scores: expected a floating dtype, got {scores.dtype}")
+    if scores.shape[-1] == 0:
+        raise ValueError("scores: expected at least one token (N >= 1)")
+    if torch.isnan(scores).any():
+        raise ValueError("scores: contains NaN")
+    return scores
+
+
+def _check_context(context, scores):
+    """Masks become [B, 1|Hkv, N] bool; evidence must be [B, Hkv, N]; None entries are dropped."""
+    b, h, n = scores.shape
+    checked = {}
+    for name, value in context.items():
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(value).__name__}")
+        if name in MASK_KEYS:
+            if value.dtype != torch.bool or tuple(value.shape) not in ((b, n), (b, h, n)):
+                raise ValueError(f"{name}: expected bool [B, N] = [{b}, {n}] or [B, Hkv, N], "
+                                 f"got {value.dtype} {tuple(value.shape)}")
+            value = value if value.dim() == 3 else value[:, None, :]          # (B, 1|Hkv, N)
+        elif tuple(value.shape) != (b, h, n):
+            raise ValueError(f"{name}: expected shape [B, Hkv, N] = [{b}, {h}, {n}], got {tuple(value.shape)}")
+        checked[name] = value.to(scores.device)
+    return checked
+
+
+def _merge_heads(scores, context):
+    """Average every per-head tensor over heads (a mask: a token counts if any head has it)."""
+    merged = {name: (v.any(1, keepdim=True) if v.dtype == torch.bool else v.float().mean(1, keepdim=True))
+              for name, v in context.items()}
+    return scores.sum(1, keepdim=True), merged
+
+
 def question_mask_from_spans(spans, batch: int, n: int, device=None):
     """question_span=(start, end) (end exclusive, token positions of the prompt) for every row, or one
     span per row, as a bool mask [B, N]; a span outside the prompt is a ValueError."""
@@ -386,376 +916,225 @@ def question_mask_from_spans(spans, batch: int, n: int, device=None):
 
 def prompt_evidence(q, k, v, config: EvictionConfig, *, scale=None, key_mask=None, question_mask=None,
                     attention_fn: AttentionFn = attention):
-    """The extra per-key evidence config.policy ranks by, as keyword arguments for select_kept."""
+    """The evidence config.policy ranks by, as keyword arguments for select_kept."""
     policy = config.policy
-    if policy == "snapkv":
-        return {"window_scores": window_scores(q, k, v, config.window, scale=scale, key_mask=key_mask,
-                                               attention_fn=attention_fn)}
-    if policy == "bidirectional":
-        return {"bidirectional_scores": bidirectional_scores(q, k, v, scale=scale, key_mask=key_mask,
-                                                             attention_fn=attention_fn)}
-    if policy in ("question_aware", "hybrid_semantic"):
-        if question_mask is None:
-            raise ValueError(f"question_span: policy {policy!r} needs the question's token positions")
-        return {"question_similarity": question_similarity(q, k, question_mask)}
-    if policy == "match_span":
-        if question_mask is None:
-            raise ValueError(f"question_span: policy {policy!r} needs the question's token positions")
-        return {"question_match": question_match(v, question_mask, config.match_threshold, key_mask)}
-    if policy in ("cab", "dynamic_local") and config.bridge != "median":
-        graph = attention_graph(q, k, scale=scale, key_mask=key_mask)       # (B, Hkv, N, N)
-        bridge = connectivity if config.bridge == "connectivity" else forman_curvature
-        return {config.bridge: bridge(graph, key_mask)}
-    return {}
+    if policy.needs_question and question_mask is None:
+        raise ValueError(f"question_span: policy {policy.name!r} needs the question's token positions")
+    return policy.evidence(Prompt(q, k, v, scale, key_mask, question_mask, attention_fn))
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. Selection: fill the budget part by part
+# 6. The eviction loop, as plain PyTorch state
 #
-# A policy describes its keep-set as an ordered list of parts, e.g. H2O = [recent: 20% of K by
-# position, heavy: the rest by score]. Each part takes its `count` best tokens among those no earlier
-# part took. Ordering is always (real token before padding, higher priority, more recent): ties break
-# toward the more recent token, so selection is deterministic.
-
-class Part(NamedTuple):
-    name: str
-    count: int
-    priority: object   # [B, H, N] tensor, or a function(available [B, H, N] bool) -> tensor
-
-
-class Selection(NamedTuple):
-    kept: torch.Tensor    # [B, H, K] int64, ascending: the token indices kept
-    part: torch.Tensor    # [B, H, K] int64: index into names of the part that kept each token
-    names: list           # the policy's part names, in the order they were filled
-    order: torch.Tensor   # [B, H, N] int64: every token, best first (kept ones in part order, then
-                          #   the evicted ones by the last part's priority): rank r = order.argsort()
-
-
-def _recency(shape, device):
-    return torch.arange(shape[-1], device=device, dtype=torch.float32).expand(shape)   # (B, H, N)
-
-
-def _best_first(priority, available, valid):
-    """Token indices ordered best first: available real tokens, then available padding (by recency
-    only, so every head pads alike), then tokens already taken; within each, higher priority first and
-    ties to the more recent token."""
-    n = priority.shape[-1]
-    priority = torch.where(valid, torch.nan_to_num(priority, nan=-math.inf), 0.0)  # (B, H, N)
-    by_priority = torch.sort(priority.flip(-1), dim=-1, descending=True, stable=True).indices
-    order = (n - 1) - by_priority                                            # ties: later position first
-    tier = (2 * (available & valid).to(torch.int8) + (available & ~valid).to(torch.int8)).gather(-1, order)
-    return order.gather(-1, torch.sort(tier, dim=-1, descending=True, stable=True).indices)
-
-
-def select_parts(scores, config: EvictionConfig, **context) -> Selection:
-    """select_kept, with the why: which part kept each token and the full keep order (for diagnose)."""
-    scores = _check_scores(scores)
-    b, h, n = scores.shape
-    context = _check_context(context, scores)
-    if not config.per_head:        # one decision per layer: sum heads (the original CAB code's choice)
-        scores, context = _merge_heads(scores, context)
-    k = config.budget_for(n)
-    valid = context.get("key_mask")
-    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid.expand(scores.shape)
-    if k == n:                     # everything fits: keep all, no ranking needed
-        parts = [Part("all", n, _recency(scores.shape, scores.device))]
-    else:
-        parts = POLICY_PARTS[config.policy](scores, k, config, context)
-    assert sum(p.count for p in parts) == k, "a policy's parts must add up to the budget"
-    taken = torch.zeros_like(valid)                                          # (B, H', N)
-    part_of = torch.full(scores.shape, -1, dtype=torch.int64, device=scores.device)
-    chosen_in_order = []
-    for index, part in enumerate(parts):
-        priority = part.priority(valid & ~taken) if callable(part.priority) else part.priority
-        chosen = _best_first(priority, ~taken, valid)[..., :part.count]      # (B, H', count)
-        taken = taken.scatter(-1, chosen, True)
-        part_of = part_of.scatter(-1, chosen, index)
-        chosen_in_order.append(chosen)
-    evicted = _best_first(priority, ~taken, valid)[..., :n - k]              # (B, H', N - K)
-    order = torch.cat(chosen_in_order + [evicted], dim=-1)                   # (B, H', N)
-    kept = taken.nonzero()[:, -1].view(*taken.shape[:-1], k)                 # (B, H', K), ascending
-    part = part_of.gather(-1, kept)                                          # (B, H', K)
-    if not config.per_head:
-        kept, part, order = (t.expand(b, h, t.shape[-1]) for t in (kept, part, order))
-    return Selection(kept, part, [p.name for p in parts], order)
-
-
-def select_kept(scores, config: EvictionConfig, **context):
-    """The tokens to keep: int64 indices [B, Hkv, K] sorted ascending, K = config.budget_for(N).
-
-    scores [B, Hkv, N]: accumulated attention per key. context (all optional unless a policy needs it):
-      key_mask [B, N] bool          False for padding; padding is kept only when real tokens run out
-      question_mask [B, N] bool     the question's tokens (dynamic_local)
-      window_scores, bidirectional_scores, question_similarity, connectivity, curvature, decode_scores,
-      question_match
-                                    [B, Hkv, N] per-key evidence (see prompt_evidence)
-    """
-    return select_parts(scores, config, **context).kept
-
-
-CONTEXT_KEYS = ("key_mask", "question_mask", "window_scores", "bidirectional_scores", "question_similarity",
-                "connectivity", "curvature", "decode_scores", "question_match")
-
-
-def _check_scores(scores):
-    if not isinstance(scores, torch.Tensor) or scores.dim() != 3:
-        raise ValueError(f"scores: expected a tensor [B, Hkv, N], got "
-                         f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
-    if not scores.is_floating_point():
-        raise TypeError(f"scores: expected a floating dtype, got {scores.dtype}")
-    if scores.shape[-1] == 0:
-        raise ValueError("scores: expected at least one token (N >= 1)")
-    if torch.isnan(scores).any():
-        raise ValueError("scores: contains NaN")
-    return scores
-
-
-def _check_context(context, scores):
-    b, h, n = scores.shape
-    checked = {}
-    for name, value in context.items():
-        if name not in CONTEXT_KEYS:
-            raise TypeError(f"select_kept got an unexpected keyword {name!r}; known: {', '.join(CONTEXT_KEYS)}")
-        if value is None:
-            continue
-        if name in ("key_mask", "question_mask"):
-            if value.dtype != torch.bool or tuple(value.shape) not in ((b, n), (b, h, n)):
-                raise ValueError(f"{name}: expected bool [B, N] = [{b}, {n}] or [B, Hkv, N], "
-                                 f"got {value.dtype} {tuple(value.shape)}")
-            value = value if value.dim() == 3 else value[:, None, :]          # (B, 1|Hkv, N)
-        elif tuple(value.shape) != (b, h, n):
-            raise ValueError(f"{name}: expected shape [B, Hkv, N] = [{b}, {h}, {n}], got {tuple(value.shape)}")
-        checked[name] = value.to(scores.device)
-    return checked
-
-
-def _merge_heads(scores, context):
-    """Average every per-head tensor over heads (a mask: a token counts if any head has it)."""
-    merged = {name: (v.any(1, keepdim=True) if v.dtype == torch.bool else v.float().mean(1, keepdim=True))
-              for name, v in context.items()}
-    return scores.sum(1, keepdim=True), merged
-
-
-# ----------------------------------------------------------------------------------------------------
-# 5. The policies: each maps (scores, budget K, config, context) to a list of Parts
-#
-# Protected tokens (sinks, the recent window, SnapKV's observation window) are parts ranked by
-# position, so they are kept by construction and rank dumps show real scores, not sentinels.
-
-def _recent(count, scores):
-    return Part("recent", count, _recency(scores.shape, scores.device))
-
-
-def _need(context, name, policy):
-    if name not in context:
-        raise ValueError(f"{name}: policy {policy!r} ranks by it; compute it with prompt_evidence(...)")
-    return context[name]
-
-
-def _streaming(scores, k, config, context):
-    """StreamingLLM: the first `sink` tokens soak up attention mass whatever they say, so keep them
-    (the "attention sinks"), and fill the rest with the most recent tokens."""
-    sinks = min(config.sink, k)
-    return [Part("sink", sinks, -_recency(scores.shape, scores.device)), _recent(k - sinks, scores)]
-
-
-def _heavy_hitters(scores, k, config, name, evidence):
-    """The two-part shape shared by H2O and its variants: recent_ratio of K (at least 1) for the most
-    recent tokens, the rest for the highest `evidence`."""
-    recent = min(k, max(1, int(k * config.recent_ratio)))
-    return [_recent(recent, scores), Part(name, k - recent, evidence)]
-
-
-def _h2o(scores, k, config, context):
-    """H2O: heavy hitters, the keys with the largest accumulated attention, plus a recent window."""
-    return _heavy_hitters(scores, k, config, "heavy", scores)
-
-
-def _median_bridge(scores):
-    """Bridge mode "median" (O(N)): among the tokens not yet taken, those whose accumulated score is
-    closest to the median of theirs: neither heavy hitters nor noise."""
-    def priority(available):
-        rest = scores.masked_fill(~available, math.nan)                      # (B, H, N)
-        median = rest.nanmedian(dim=-1, keepdim=True).values                 # (B, H, 1)
-        return -(scores - median).abs()
-    return priority
-
-
-def _cab_parts(scores, k, context, local_ratio, bridge_ratio, config):
-    local, bridge = int(k * local_ratio), int(k * bridge_ratio)
-    if config.bridge == "median":
-        bridge_priority = _median_bridge(scores)
-    elif config.bridge == "connectivity":
-        bridge_priority = _need(context, "connectivity", config.policy)
-    else:
-        bridge_priority = -_need(context, "curvature", config.policy)       # lowest curvature first
-    return [Part("local", local, _recency(scores.shape, scores.device)),
-            Part("importance", k - local - bridge, scores),
-            Part("bridge", bridge, bridge_priority)]
-
-
-def _cab(scores, k, config, context):
-    """CAB: three parts of the budget, in this order:
-      local      = int(K * local_ratio) most recent tokens,
-      importance = K - local - bridge heavy hitters by accumulated score (as in H2O),
-      bridge     = int(K * bridge_ratio) tokens that connect the others (see BRIDGE_MODES:
-                   median score, connectivity or Forman curvature of the attention graph)."""
-    return _cab_parts(scores, k, context, config.local_ratio, config.bridge_ratio, config)
-
-
-def _snapkv(scores, k, config, context):
-    """SnapKV: the prompt's last `window` queries already "know" what the answer will need. Keep that
-    window, and rank the rest by the window's attention max-pooled over `pool` neighbours (so a
-    neighbourhood survives, not isolated tokens). The kept window is clamped to half the budget: a
-    window larger than K would keep nothing else. After the prompt, decode-time evictions pool the
-    accumulated scores instead (the window's evidence is for prompt tokens only)."""
-    evidence = context.get("window_scores", scores)
-    pooled = F.max_pool1d(evidence.float(), config.pool, stride=1, padding=config.pool // 2)   # (B, H, N)
-    window = min(config.window, k // 2)
-    return [_recent(window, scores), Part("pooled", k - window, pooled)]
-
-
-def _normalised(x):
-    """x / max over tokens, so heavy hitters land in [0, 1] whatever the prompt length."""
-    return x / x.amax(dim=-1, keepdim=True).clamp_min(1e-30)
-
-
-def _question_aware(scores, k, config, context):
-    """Fix 1: heavy hitters by  scores / max(scores) + alpha * cos(key, question)  (question_similarity),
-    plus the recent window. Normalising the scores puts both terms on the same [0, 1]-ish scale."""
-    sim = _need(context, "question_similarity", config.policy)
-    return _heavy_hitters(scores, k, config, "question_aware", _normalised(scores) + config.alpha * sim)
-
-
-def _bidirectional(scores, k, config, context):
-    """Fix 2: heavy hitters by a non-causal pass over the prompt (bidirectional_scores), so a context
-    token can also earn attention from the question that follows it. Decode-time evictions use the
-    accumulated causal scores."""
-    return _heavy_hitters(scores, k, config, "bidirectional", context.get("bidirectional_scores", scores))
-
-
-def _delayed(scores, k, config, context):
-    """Fix 3: nothing is evicted during the prefill (CabCache waits); once the first generated token
-    has attended to the whole prompt, its attention (decode_scores, accumulated over generated tokens)
-    ranks the prompt's heavy hitters."""
-    return _heavy_hitters(scores, k, config, "first_token", _need(context, "decode_scores", config.policy))
-
-
-def is_question_at_end(question_mask, n, tail):
-    """True per row when the question's last token lies within `tail` tokens of the end."""
-    positions = torch.arange(n, device=question_mask.device)
-    last = torch.where(question_mask, positions, -1).amax(dim=-1)            # (B, 1|H)
-    return (last >= 0) & (last >= n - tail)
-
-
-def _dynamic_local(scores, k, config, context):
-    """Fix 4: CAB whose local ratio follows the prompt's structure. A question at the end (a QA prompt)
-    means the recent tokens hold what generation needs: local = qa_local_ratio, bridge and importance
-    share the rest in their configured proportion. Otherwise the configured ratios. The question's
-    position comes from question_mask (CabCache's question_span), never from guessing at strings."""
-    qm = context.get("question_mask")
-    if qm is None or not bool(is_question_at_end(qm, scores.shape[-1], config.qa_tail).all()):
-        return _cab(scores, k, config, context)
-    rest = 1.0 - config.qa_local_ratio
-    other = config.bridge_ratio + config.importance_ratio
-    bridge_ratio = rest * (config.bridge_ratio / other if other > 0 else 0.0)
-    return _cab_parts(scores, k, context, config.qa_local_ratio, bridge_ratio, config)
-
-
-def _hybrid_semantic(scores, k, config, context):
-    """Fix 5: the recent window plus the tokens most similar to the question (question_similarity),
-    ignoring attention scores altogether."""
-    return _heavy_hitters(scores, k, config, "semantic", _need(context, "question_similarity", config.policy))
-
-
-def _match_span(scores, k, config, context):
-    """Fix 6: keep the stretch of text that answers the question, not the words it shares with it.
-
-    Attention from the question lands on the needle's words that *match* the question, not on the
-    answer beside them (NOTES.md), and in a small model it lands mostly on sinks and on the question's
-    own label. So rank by word overlap instead (question_match), and keep neighbourhoods:
-        stretch[j]  = mean of question_match over the match_window tokens centred on j,
-        priority[j] = max of stretch over the span_radius tokens either side of j,
-    so every token within span_radius of the best-matching stretch ties at that stretch's value and the
-    whole neighbourhood is kept (a plateau of 2 * span_radius + 1 tokens), then the next-best stretch.
-    Parts: the first `span_sinks` tokens (attention sinks, as StreamingLLM), recent_ratio of K (at least 1)
-    most recent tokens (the chat template's tail and the end of the question), the rest by priority.
-    Decode-time evictions pool over the remaining slots (new tokens have question_match 0)."""
-    match = _need(context, "question_match", config.policy).float()          # (B, H, N)
-    b, h, n = match.shape
-    stretch = F.avg_pool1d(match.reshape(b * h, 1, n), config.match_window, stride=1,
-                           padding=config.match_window // 2, count_include_pad=False)   # (B*H, 1, N)
-    priority = F.max_pool1d(stretch, 2 * config.span_radius + 1, stride=1, padding=config.span_radius)
-    sinks = min(config.span_sinks, k)
-    recent = min(k - sinks, max(1, int(k * config.recent_ratio)))
-    return [Part("sink", sinks, -_recency(scores.shape, scores.device)), _recent(recent, scores),
-            Part("span", k - sinks - recent, priority.reshape(b, h, n))]
-
-
-POLICY_PARTS = {
-    "streaming": _streaming, "h2o": _h2o, "cab": _cab, "snapkv": _snapkv,
-    "question_aware": _question_aware, "bidirectional": _bidirectional, "delayed": _delayed,
-    "dynamic_local": _dynamic_local, "hybrid_semantic": _hybrid_semantic, "match_span": _match_span,
-}
-assert set(POLICY_PARTS) | {"none"} == set(POLICIES)
-
-
-# ----------------------------------------------------------------------------------------------------
-# 6. transformers glue: the "cab_reference" attention implementation and CabCache
-#
-# The model calls cache.update(k, v, layer) and then the attention function with exactly the keys that
-# update returned. CabLayer.update remembers itself as the layer that just ran; the attention function
-# recognises it by those keys, computes out + scores with `attention`, hands the scores to the layer,
-# and the layer evicts before the next forward builds its mask. Everything else about transformers
-# (RoPE, masks for the new tokens, generate's position bookkeeping) stays the library's.
-
-from transformers import AttentionInterface                                  # noqa: E402
-from transformers.cache_utils import Cache, DynamicLayer                     # noqa: E402
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask     # noqa: E402
-
-# evidence a token gets when it enters the cache after the prompt (curvature: +inf = never a bridge)
-EVIDENCE_FILL = {"curvature": math.inf}
-_last_updated_layer = None    # the CabLayer whose update ran last; its attention call comes next
-
-
-class CabLayer(DynamicLayer):
+# Per layer and forward:  append the new keys/values  ->  attend (out + scores)  ->  accumulate the
+# scores  ->  on the prompt, gather the policy's evidence  ->  evict back to the budget.
+# LayerState holds one layer's slots; EvictionLoop holds the layers and what they share (config,
+# question, evidence pooled across layers). `EvictionLoop.forward_layer` is the whole loop for one layer;
+# the transformers adapter below splits it between the cache's update() and the attention call.
+
+class LayerState:
     """One layer's evicting cache. Per slot, aligned with keys/values [B, Hkv, L, D]:
     scores [B, Hkv, L] (accumulated attention), positions [B, Hkv, L] (original token positions),
     valid [B, Hkv, L] (False for left padding) and the policy's evidence [B, Hkv, L] each.
-    `seen` counts every token ever added: what get_seq_length reports, so masks and RoPE stay true."""
+    `seen` counts every token ever added; `budget` is fixed when the prompt is cut."""
+
+    def __init__(self, loop: "EvictionLoop"):
+        self.loop = loop
+        self.keys = self.values = None
+        self.scores = self.positions = self.valid = None
+        self.evidence = {}
+        self.seen = 0
+        self.budget = None                 # fixed from the prompt length at the first attention
+        self.prompt_record = None          # record=True: the prompt's selection, for tools
+
+    def append(self, k, v, valid=None):
+        """Add Nq new tokens (k, v [B, Hkv, Nq, D]; valid [B, Nq] bool or None = all real)."""
+        b, h, n = k.shape[:3]
+        dev = k.device
+        valid = torch.ones(b, n, dtype=torch.bool, device=dev) if valid is None else valid
+        new_pos = torch.arange(self.seen, self.seen + n, device=dev).expand(b, h, n)
+        if self.keys is None:
+            self.keys, self.values = k, v
+            self.scores = k.new_zeros(b, h, n, dtype=torch.float32)
+            self.positions, self.valid = new_pos, valid[:, None, :].expand(b, h, n).contiguous()
+        else:
+            self.keys, self.values = torch.cat([self.keys, k], dim=-2), torch.cat([self.values, v], dim=-2)
+            self.scores = torch.cat([self.scores, self.scores.new_zeros(b, h, n)], dim=-1)
+            self.positions = torch.cat([self.positions, new_pos], dim=-1)
+            self.valid = torch.cat([self.valid, valid[:, None, :].expand(b, h, n)], dim=-1)
+        for name, value in self.evidence.items():
+            fill = value.new_full((b, h, n), self.loop.config.policy.fill_value(name))
+            self.evidence[name] = torch.cat([value, fill], dim=-1)
+        self.seen += n
+        return self.keys, self.values
+
+    def key_mask(self):
+        """[B, L]: real tokens. Padding is ranked alike in every head (see best_first), so the heads agree."""
+        return self.valid[:, 0]
+
+    def after_attention(self, q, scores, *, scale=None, attention_fn: AttentionFn = attention):
+        """Accumulate this call's scores; gather the prompt's evidence on the first call; evict to budget."""
+        loop = self.loop
+        self.scores = self.scores + scores
+        is_prompt = self.budget is None
+        if is_prompt:
+            self.budget = loop.config.cache_budget(self.keys.shape[2])
+            self.evidence.update(loop.prompt_evidence(self, q, scale, attention_fn))
+        elif "decode_scores" in self.evidence:                 # Delayed: attention received after the prompt
+            self.evidence["decode_scores"] = self.evidence["decode_scores"] + scores
+        delayed = "decode_scores" in self.evidence
+        if is_prompt and delayed:
+            return                                             # the first generated token ranks the prompt
+        if self.keys.shape[-2] - self.budget >= (1 if is_prompt else loop.evict_every):
+            first_cut = is_prompt or (delayed and self.prompt_record is None)
+            self.evict(record=loop.record and first_cut)
+
+    def evict(self, record=False):
+        """Keep the policy's choice of `budget` slots: a gather on the slot axis of every per-slot tensor."""
+        config = self.loop.config
+        context = dict(self.evidence, key_mask=self.valid)
+        selection = choose(self.scores, self.budget, config.policy, config.per_head, context)
+        if record:
+            self.prompt_record = {"selection": selection, "scores": self.scores, "positions": self.positions,
+                                  "valid": self.valid, "evidence": dict(self.evidence)}
+        self.gather(selection.kept)
+
+    def gather(self, kept):
+        """Keep slots `kept` [B, Hkv, K] of every per-slot tensor, in that order."""
+        slots = kept[..., None].expand(-1, -1, -1, self.keys.shape[-1])      # (B, Hkv, K, D)
+        self.keys, self.values = self.keys.gather(2, slots), self.values.gather(2, slots)
+        self.scores, self.positions, self.valid = (t.gather(2, kept) for t in (self.scores, self.positions,
+                                                                               self.valid))
+        self.evidence = {name: t.gather(2, kept) for name, t in self.evidence.items()}
+
+    def index_batch(self, index):
+        """Reorder / select batch rows (beam search, batch expansion)."""
+        if self.keys is None:
+            return
+        self.keys, self.values = self.keys[index], self.values[index]
+        self.scores, self.positions, self.valid = self.scores[index], self.positions[index], self.valid[index]
+        self.evidence = {name: t[index] for name, t in self.evidence.items()}
+
+
+class EvictionLoop:
+    """Every layer's LayerState plus what the layers share: the config, the question, evidence pooled
+    across layers, and a checkpoint so a forward that raises leaves the cache as it was.
+
+    question_span=(start, end) (or one per batch row), in token positions of the prompt, is what the
+    question-based policies read. The prompt is cut right after its attention (Delayed: after the first
+    generated token); each later forward evicts back to the budget once the cache holds evict_every
+    tokens more than it (1: every step, so the cache stays at the budget)."""
+
+    layer_type = LayerState
+
+    def __init__(self, config: EvictionConfig | None = None, *, question_span=None, evict_every: int = 1,
+                 record: bool = False):
+        self.config = EvictionConfig() if config is None else config
+        if not isinstance(self.config, EvictionConfig):
+            raise TypeError(f"config: expected an EvictionConfig, got {type(self.config).__name__}")
+        _check_int("evict_every", evict_every, 1)
+        self.question_span = question_span
+        self.evict_every = evict_every
+        self.record = record
+        self.layers = []
+        self._pooled = {}          # evidence name -> (sum over the layers so far, count)
+        self._checkpoint = ([], {})
+
+    def layer(self, index: int) -> LayerState:
+        while len(self.layers) <= index:
+            self.layers.append(self.layer_type(self))
+        return self.layers[index]
+
+    def begin_forward(self):
+        """Remember every layer's state (a forward starts), so a failing step can be undone."""
+        self._checkpoint = ([(layer, dict(vars(layer), evidence=dict(layer.evidence))) for layer in self.layers],
+                            dict(self._pooled))
+
+    def rollback(self):
+        """Undo the current forward's updates and evictions in every layer. Layer state is only ever
+        replaced, never written in place, so the references kept at the forward's start are the old state."""
+        layers, pooled = self._checkpoint
+        self.layers[:] = [layer for layer, _ in layers]
+        for layer, state in layers:
+            layer.__dict__.clear()
+            layer.__dict__.update(state)
+        self._pooled = dict(pooled)
+
+    def forward_layer(self, index, q, k, v, *, scale=None, valid=None, attention_fn: AttentionFn = attention):
+        """The loop for one layer and one forward: append, attend, accumulate, evict. Returns out."""
+        if index == 0:
+            self.begin_forward()
+        layer = self.layer(index)
+        try:
+            keys, values = layer.append(k, v, valid)
+            out, scores = attention_fn(q, keys, values, scale=scale, causal=True, key_mask=layer.key_mask())
+            layer.after_attention(q, scores, scale=scale, attention_fn=attention_fn)
+        except Exception:
+            self.rollback()
+            raise
+        return out
+
+    def prompt_evidence(self, layer, q, scale, attention_fn):
+        """The policy's evidence for this layer's prompt, with the question mask and layer pooling."""
+        keys, values = layer.keys, layer.values
+        b, h, n = keys.shape[:3]
+        question_mask = question_mask_from_spans(self.question_span, b, n, keys.device)
+        evidence = prompt_evidence(q, keys, values, self.config, scale=scale, key_mask=layer.key_mask(),
+                                   question_mask=question_mask, attention_fn=attention_fn)
+        if question_mask is not None:
+            evidence["question_mask"] = question_mask[:, None, :].expand(b, h, n)
+        for name, layers in self.config.policy.layer_pooling().items():
+            if name in evidence:
+                evidence[name] = self.pooled(name, evidence[name], layers)
+        return evidence
+
+    def pooled(self, name, value, layers):
+        """The mean of `name` over the first `layers` layers that offered it, in the order the layers
+        cut their prompts (layer l cuts right after its own attention, so it can only use layers 0..l)."""
+        total, count = self._pooled.get(name, (0, 0))
+        if count < layers:
+            total, count = total + value, count + 1
+            self._pooled[name] = (total, count)
+        return total / count
+
+    def kept_positions(self):
+        """Per layer, the original positions of the cached tokens: [B, Hkv, L] int64."""
+        return [layer.positions for layer in self.layers]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. transformers adapter: the "cab_reference" attention implementation and CabCache
+#
+# The model calls cache.update(k, v, layer) and then the attention function with exactly the keys that
+# update returned. Everything else about transformers (RoPE, masks for the new tokens, generate's
+# position bookkeeping) stays the library's.
+
+from transformers import AttentionInterface  # noqa: E402  (the adapter's imports, where a reader sees them)
+from transformers.cache_utils import Cache, DynamicLayer  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
+
+# transformers passes the attention function neither the cache nor its layer (generate() rejects extra
+# keyword arguments), so update() leaves its layer here and the attention call that follows picks it up;
+# the keys' identity confirms the pairing.
+_last_updated_layer = None
+
+
+class CabLayer(LayerState, DynamicLayer):
+    """LayerState as a transformers cache layer: update() appends; the sizes report tokens *seen*."""
 
     is_croppable = False       # eviction cannot be undone, so assisted decoding's crop is refused
 
-    def __init__(self, cache: "CabCache"):
-        super().__init__()
-        self.cache = cache
-        self.seen = 0
-        self.budget = None                 # fixed from the prompt length at the first call
-        self.evidence = {}
-        self.prompt_record = None          # CabCache(record=True): the prompt's selection, for tools
-
-    def lazy_initialization(self, key_states, value_states):
-        super().lazy_initialization(key_states, value_states)
-        b, h = key_states.shape[:2]
-        self.scores = key_states.new_zeros(b, h, 0, dtype=torch.float32)
-        self.positions = torch.zeros(b, h, 0, dtype=torch.int64, device=key_states.device)
-        self.valid = torch.zeros(b, h, 0, dtype=torch.bool, device=key_states.device)
+    def __init__(self, loop):
+        DynamicLayer.__init__(self)
+        LayerState.__init__(self, loop)
 
     def update(self, key_states, value_states, *args, **kwargs):
         global _last_updated_layer
-        keys, values = super().update(key_states, value_states)
-        b, h, n = key_states.shape[:3]
-        dev = key_states.device
-        self.scores = torch.cat([self.scores, self.scores.new_zeros(b, h, n)], dim=-1)
-        new_pos = torch.arange(self.seen, self.seen + n, device=dev).expand(b, h, n)
-        self.positions = torch.cat([self.positions, new_pos], dim=-1)
-        self.valid = torch.cat([self.valid, torch.ones(b, h, n, dtype=torch.bool, device=dev)], dim=-1)
-        for name, value in self.evidence.items():
-            fill = value.new_full((b, h, n), EVIDENCE_FILL.get(name, 0))
-            self.evidence[name] = torch.cat([value, fill], dim=-1)
-        self.seen += n
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.keys = self.values = None
         _last_updated_layer = self
-        return keys, values
+        return self.append(key_states, value_states)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -764,134 +1143,44 @@ class CabLayer(DynamicLayer):
         """(stored + q, seen - stored): the mask covers the stored slots plus the new tokens, whose
         true positions start at `seen` (5.17 passes cache_position, 5.24 the query length)."""
         q = query_length if isinstance(query_length, int) else int(query_length.shape[0])
-        stored = 0 if self.keys is None or not self.is_initialized else self.keys.shape[-2]
+        stored = 0 if self.keys is None else self.keys.shape[-2]
         return stored + q, self.seen - stored
 
-    def key_mask(self):
-        """[B, L]: real tokens. Padding is ranked alike in every head (see _best_first), so the heads agree."""
-        return self.valid[:, 0]
-
-    def after_attention(self, query, key, value, scores, scale, attention_fn):
-        """Accumulate this call's scores; gather the prompt's evidence on the first call; evict to budget."""
-        config = self.cache.config
-        self.scores = self.scores + scores
-        is_prompt = self.budget is None
-        if is_prompt:
-            n = key.shape[2]
-            # the configured budget, not min(budget, n): a short prompt leaves room to grow into
-            if config.policy == "none":
-                self.budget = math.inf                 # the dense baseline never evicts
-            else:
-                self.budget = config.budget if config.budget is not None else config.budget_for(n)
-            question_mask = question_mask_from_spans(self.cache.question_span, key.shape[0], n, key.device)
-            if question_mask is not None:
-                self.evidence["question_mask"] = question_mask[:, None, :].expand(-1, key.shape[1], -1)
-            self.evidence.update(prompt_evidence(query, key, value, config, scale=scale,
-                                                 key_mask=self.key_mask(), question_mask=question_mask,
-                                                 attention_fn=attention_fn))
-            if "question_match" in self.evidence:      # fix 6: word identity is clearest in the first layers
-                self.evidence["question_match"] = self.cache.shared_evidence(
-                    "question_match", self.evidence["question_match"], config.match_layers)
-            if config.policy == "delayed":
-                self.evidence["decode_scores"] = torch.zeros_like(self.scores)
-                return                                 # fix 3: the first generated token ranks the prompt
-        elif config.policy == "delayed":
-            self.evidence["decode_scores"] = self.evidence["decode_scores"] + scores
-        if self.keys.shape[-2] - self.budget >= (1 if is_prompt else config.evict_every):
-            self.evict(record=is_prompt or (config.policy == "delayed" and self.prompt_record is None))
-
-    def evict(self, record=False):
-        """Keep the policy's choice of `budget` slots: a gather on the slot axis of every per-slot tensor."""
-        config = self.cache.config
-        context = dict(self.evidence, key_mask=self.valid)
-        selection = select_parts(self.scores, replace(config, budget=self.budget), **context)
-        if record and self.cache.record:
-            self.prompt_record = {"selection": selection, "scores": self.scores, "positions": self.positions,
-                                  "valid": self.valid, "evidence": dict(self.evidence)}
-        kept = selection.kept                                                 # (B, Hkv, K)
-        slots = kept[..., None].expand(-1, -1, -1, self.keys.shape[-1])       # (B, Hkv, K, D)
-        self.keys, self.values = self.keys.gather(2, slots), self.values.gather(2, slots)
-        self.scores, self.positions, self.valid = (t.gather(2, kept) for t in (self.scores, self.positions,
-                                                                               self.valid))
-        self.evidence = {name: t.gather(2, kept) for name, t in self.evidence.items()}
-        assert bool((self.valid == self.valid[:, :1]).all()), "slot validity differs between KV heads"
-
-    def _index_batch(self, index):
-        if not self.is_initialized:
-            return
-        self.keys, self.values = self.keys[index], self.values[index]
-        self.scores, self.positions, self.valid = self.scores[index], self.positions[index], self.valid[index]
-        self.evidence = {name: t[index] for name, t in self.evidence.items()}
-
     def reorder_cache(self, beam_idx):
-        self._index_batch(beam_idx.to(self.scores.device) if self.is_initialized else beam_idx)
+        self.index_batch(beam_idx.to(self.keys.device) if self.keys is not None else beam_idx)
 
     def batch_select_indices(self, indices):
-        self._index_batch(indices)
+        self.index_batch(indices)
 
     def batch_repeat_interleave(self, repeats: int):
-        if self.is_initialized:
-            self._index_batch(torch.arange(self.keys.shape[0], device=self.keys.device).repeat_interleave(repeats))
+        if self.keys is not None:
+            self.index_batch(torch.arange(self.keys.shape[0], device=self.keys.device).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int):
         raise NotImplementedError("CabCache: evicted tokens cannot be cropped back (assisted decoding)")
 
 
-class CabCache(Cache):
+class CabCache(EvictionLoop, Cache):
     """A transformers Cache that evicts to config's budget, per layer and KV head.
 
         model = AutoModelForCausalLM.from_pretrained(..., attn_implementation="cab_reference")
         model.generate(input_ids, past_key_values=CabCache(EvictionConfig(policy="h2o", sparsity=0.9)))
 
-    question_span=(start, end) (or one per batch row), in token positions of the prompt, is what the
-    question-based policies read. record=True keeps each layer's prompt selection (layer.prompt_record).
-    The prompt is cut right after its prefill (the delayed policy: after the first generated token);
-    each decode step then evicts one token to stay within the budget (config.evict_every > 1: the cache
-    grows to budget + evict_every - 1 and is cut back to the budget every evict_every tokens).
-    """
+    Arguments as EvictionLoop's: question_span=(start, end) for the question-based policies (see
+    find_question_span), evict_every, record=True keeps each layer's prompt selection
+    (layer.prompt_record)."""
 
-    def __init__(self, config: EvictionConfig | None = None, *, question_span=None, record: bool = False):
-        super().__init__(layers=[])
-        self.config = config if config is not None else EvictionConfig()
-        if not isinstance(self.config, EvictionConfig):
-            raise TypeError(f"config: expected an EvictionConfig, got {type(self.config).__name__}")
-        self.question_span = question_span
-        self.record = record
-        self._shared = {}          # shared_evidence: name -> (sum over layers so far, count)
-        self._checkpoint = ([], {})  # (layers with their state, _shared) at the current forward's start
+    layer_type = CabLayer
 
-    def shared_evidence(self, name, value, layers):
-        """Evidence pooled across layers, in the order the layers cut their prompts: the mean of `name`
-        over the first `layers` layers that offered it; later layers get that mean instead of their own.
-        (Layer l cuts right after its own prefill attention, so it can only use layers 0..l.)"""
-        total, count = self._shared.get(name, (0, 0))
-        if count < layers:
-            total, count = total + value, count + 1
-            self._shared[name] = (total, count)
-        return total / count
+    def __init__(self, config: EvictionConfig | None = None, *, question_span=None, evict_every: int = 1,
+                 record: bool = False):
+        Cache.__init__(self, layers=[])
+        EvictionLoop.__init__(self, config, question_span=question_span, evict_every=evict_every, record=record)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        if layer_idx == 0:         # a forward starts: remember every layer so a failing step can be undone
-            layers = [(layer, dict(vars(layer), evidence=dict(layer.evidence))) for layer in self.layers]
-            self._checkpoint = (layers, dict(self._shared))
-        while len(self.layers) <= layer_idx:
-            self.layers.append(CabLayer(self))
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-
-    def rollback(self):
-        """Undo the current forward's updates and evictions in every layer (the attention raised), so the
-        cache stays usable. Layer state is only ever replaced, never written in place (except the slots
-        this forward appended), so the references kept at the forward's start are the old state."""
-        layers, shared = self._checkpoint
-        self.layers[:] = [layer for layer, _ in layers]
-        for layer, state in layers:
-            layer.__dict__.clear()
-            layer.__dict__.update(state)
-        self._shared = dict(shared)
-
-    def kept_positions(self):
-        """Per layer, the original positions of the cached tokens: [B, Hkv, L] int64."""
-        return [layer.positions for layer in self.layers]
+        if layer_idx == 0:
+            self.begin_forward()
+        return self.layer(layer_idx).update(key_states, value_states)
 
 
 def _as_bool_mask(attention_mask):
@@ -909,7 +1198,7 @@ def _check_library_mask(mask, key_mask, nq, nk):
                          "cab attention supports plain causal decoder masks only")
 
 
-def make_attention_interface(attention_fn: AttentionFn, *, validate: bool = True):
+def make_attention_interface(attention_fn: AttentionFn):
     """Wrap attention(q, k, v, ...) -> (out, scores) into transformers' attention-interface signature."""
 
     def cab_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -927,25 +1216,42 @@ def make_attention_interface(attention_fn: AttentionFn, *, validate: bool = True
         try:
             if mask is not None and (layer is None or layer.budget is None):
                 _check_library_mask(mask, key_mask, nq, nk)
-            out, scores = attention_fn(query, key, value, scale=scaling, causal=True, key_mask=key_mask,
-                                       validate=validate)
+            out, scores = attention_fn(query, key, value, scale=scaling, causal=True, key_mask=key_mask)
             if layer is not None:
-                layer.after_attention(query, key, value, scores, scaling, attention_fn)
+                layer.after_attention(query, scores, scale=scaling, attention_fn=attention_fn)
         except Exception:
             if layer is not None:  # a bad input mid-generation: leave the cache as it was before this step
-                layer.cache.rollback()
+                layer.loop.rollback()
             raise
         return out.transpose(1, 2).contiguous(), None                          # (B, Nq, Hq, D)
 
     return cab_attention_forward
 
 
-def register_attention(name: str, attention_fn: AttentionFn, *, validate: bool = True):
+def register_attention(name: str, attention_fn: AttentionFn):
     """Make attn_implementation=name available to Llama-family models (with the SDPA-style bool mask,
-    without which left-padded batches would get no mask at all). validate=False skips the NaN/inf check,
-    which costs a device sync per layer and step on a GPU."""
-    AttentionInterface.register(name, make_attention_interface(attention_fn, validate=validate))
+    without which left-padded batches would get no mask at all)."""
+    AttentionInterface.register(name, make_attention_interface(attention_fn))
     AttentionMaskInterface.register(name, sdpa_mask)
 
 
 register_attention("cab_reference", attention)
+
+
+def token_span(offsets, char_start: int, char_end: int) -> tuple[int, int]:
+    """(start, end) token positions (end exclusive) of the tokens overlapping characters
+    [char_start, char_end), from a tokenizer's offset mapping [(char_start, char_end) per token]."""
+    hits = [i for i, (s, e) in enumerate(offsets) if s < char_end and e > char_start and e > s]
+    if not hits:
+        raise ValueError(f"characters {char_start}..{char_end}: no token covers them")
+    return hits[0], hits[-1] + 1
+
+
+def find_question_span(tokenizer, prompt: str, question: str) -> tuple[int, int]:
+    """question_span for CabCache: the token positions of the last occurrence of `question` in `prompt`
+    (the text you tokenize, e.g. the chat template's output), from the tokenizer's offset mapping."""
+    start = prompt.rfind(question)
+    if not question or start < 0:
+        raise ValueError(f"question: {question[:60]!r} does not occur in the prompt")
+    offsets = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+    return token_span(offsets, start, start + len(question))
