@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -938,7 +939,7 @@ class LayerState:
     valid [B, Hkv, L] (False for left padding) and the policy's evidence [B, Hkv, L] each.
     `seen` counts every token ever added; `budget` is fixed when the prompt is cut."""
 
-    def __init__(self, loop: "EvictionLoop"):
+    def __init__(self, loop: EvictionLoop):
         self.loop = loop
         self.keys = self.values = None
         self.scores = self.positions = self.valid = None
