@@ -1199,8 +1199,9 @@ def _check_library_mask(mask, key_mask, nq, nk):
                          "cab attention supports plain causal decoder masks only")
 
 
-def make_attention_interface(attention_fn: AttentionFn):
-    """Wrap attention(q, k, v, ...) -> (out, scores) into transformers' attention-interface signature."""
+def make_attention_interface(attention_fn: AttentionFn, *, validate: bool = False):
+    """Wrap attention(q, k, v, ...) -> (out, scores) into transformers' attention-interface signature.
+    validate=True: a NaN/inf input raises (and the cache rolls back) instead of spreading NaN."""
 
     def cab_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if dropout and module.training:
@@ -1217,7 +1218,8 @@ def make_attention_interface(attention_fn: AttentionFn):
         try:
             if mask is not None and (layer is None or layer.budget is None):
                 _check_library_mask(mask, key_mask, nq, nk)
-            out, scores = attention_fn(query, key, value, scale=scaling, causal=True, key_mask=key_mask)
+            out, scores = attention_fn(query, key, value, scale=scaling, causal=True, key_mask=key_mask,
+                                       validate=validate)
             if layer is not None:
                 layer.after_attention(query, scores, scale=scaling, attention_fn=attention_fn)
         except Exception:
@@ -1229,14 +1231,16 @@ def make_attention_interface(attention_fn: AttentionFn):
     return cab_attention_forward
 
 
-def register_attention(name: str, attention_fn: AttentionFn):
+def register_attention(name: str, attention_fn: AttentionFn, *, validate: bool = False):
     """Make attn_implementation=name available to Llama-family models (with the SDPA-style bool mask,
     without which left-padded batches would get no mask at all)."""
-    AttentionInterface.register(name, make_attention_interface(attention_fn))
+    AttentionInterface.register(name, make_attention_interface(attention_fn, validate=validate))
     AttentionMaskInterface.register(name, sdpa_mask)
 
 
-register_attention("cab_reference", attention)
+# the reference checks every input for NaN/inf (cheap on a CPU, and a bad step rolls back); the fast
+# twin registers without the check, which would cost a device sync per layer and step
+register_attention("cab_reference", attention, validate=True)
 
 
 def token_span(offsets, char_start: int, char_end: int) -> tuple[int, int]:
