@@ -229,6 +229,7 @@ class Prompt(NamedTuple):
     key_mask: torch.Tensor | None      # [B, N] bool, False = padding
     question_mask: torch.Tensor | None  # [B, N] bool, True = the question's tokens (CabCache's question_span)
     attention_fn: AttentionFn          # cab_reference.attention or its fast twin
+    head_group: object = None          # the ranks holding the layer's other KV heads (see head_sum)
 
 
 def _check_int(name, value, least):
@@ -649,7 +650,7 @@ class HybridSemantic(Policy):
         return recent_and(k, self.recent_ratio, scores, "semantic", _need(context, "question_similarity", self.name))
 
 
-def question_match(v, question_mask, threshold=0.5, key_mask=None):
+def question_match(v, question_mask, threshold=0.5, key_mask=None, head_group=None):
     """MatchSpan's evidence: how strongly key j shares a word with the question, rare words counting more.
 
     Values carry no RoPE, and in the first layers a value is mostly a function of the token itself, so
@@ -664,12 +665,14 @@ def question_match(v, question_mask, threshold=0.5, key_mask=None):
     identity is not a per-head matter), so every head gets the same evidence, normalised to sum 1 over
     the keys. Keys from the question on get 0 (the question matches itself).
 
-    v [B, Hkv, N, D]; question_mask [B, N] bool; key_mask [B, N] or None. Returns [B, Hkv, N] float32.
+    v [B, Hkv, N, D]; question_mask [B, N] bool; key_mask [B, N] or None; head_group: see head_sum
+    (under tensor parallelism the mean runs over every rank's heads). Returns [B, Hkv, N] float32.
     """
     b, hkv, n, _ = v.shape
     cols = question_mask.any(dim=0).nonzero().squeeze(-1)                   # (Q,) question positions, any row
     vn = F.normalize(v.float(), dim=-1)                                      # (B, Hkv, N, D)
-    cos = (vn @ vn[:, :, cols].mT).mean(dim=1)                               # (B, N, Q) key j x question token i
+    cos = head_sum((vn @ vn[:, :, cols].mT).sum(dim=1), head_group)          # (B, N, Q) key j x question token i
+    cos = cos / (hkv * head_group_size(head_group))                          # mean over the layer's KV heads
     m = ((cos - threshold) / (1.0 - threshold)).clamp_min(0.0)               # (B, N, Q)
     positions = torch.arange(n, device=v.device)
     first = torch.where(question_mask, positions, n).amin(dim=-1)            # (B,) question start
@@ -720,7 +723,8 @@ class MatchSpan(Policy):
     def evidence(self, prompt):
         if prompt.question_mask is None:
             return {}
-        return {"question_match": question_match(prompt.v, prompt.question_mask, self.threshold, prompt.key_mask)}
+        return {"question_match": question_match(prompt.v, prompt.question_mask, self.threshold, prompt.key_mask,
+                                                 prompt.head_group)}
 
     def layer_pooling(self):
         return {"question_match": self.layers}   # word identity is clearest in the first layers
@@ -821,29 +825,30 @@ class EvictionConfig:
         return max(1, math.floor((1 - Fraction(str(self.sparsity))) * n))   # exact: 0.1 * 50 is 5, not 4.99..
 
 
-def select_parts(scores, config: EvictionConfig, **context) -> Selection:
+def select_parts(scores, config: EvictionConfig, *, head_group=None, **context) -> Selection:
     """select_kept, with the why: which part kept each token and the full keep order (for diagnose)."""
     scores = _check_scores(scores)
     context = _check_context(context, scores)
-    return choose(scores, config.budget_for(scores.shape[-1]), config.policy, config.per_head, context)
+    return choose(scores, config.budget_for(scores.shape[-1]), config.policy, config.per_head, context, head_group)
 
 
-def select_kept(scores, config: EvictionConfig, **context):
+def select_kept(scores, config: EvictionConfig, *, head_group=None, **context):
     """The tokens to keep: int64 indices [B, Hkv, K] sorted ascending, K = config.budget_for(N).
 
     scores [B, Hkv, N]: accumulated attention per key. context (all optional unless a policy needs it):
       key_mask [B, N] bool          False for padding; padding is kept only when real tokens run out
       question_mask [B, N] bool     the question's tokens (dynamic_local)
       any evidence [B, Hkv, N]      what the policy's evidence() returns (window_scores, question_match, ...)
+    head_group: the process group holding the layer's other KV heads under tensor parallelism (head_sum).
     """
-    return select_parts(scores, config, **context).kept
+    return select_parts(scores, config, head_group=head_group, **context).kept
 
 
-def choose(scores, k, policy: Policy, per_head: bool, context) -> Selection:
+def choose(scores, k, policy: Policy, per_head: bool, context, head_group=None) -> Selection:
     """The selection itself, on checked inputs (the eviction loop calls this directly)."""
     b, h, n = scores.shape
     if not per_head:               # one decision per layer: sum heads (the original CAB code's choice)
-        scores, context = _merge_heads(scores, context)
+        scores, context = _merge_heads(scores, context, head_group)
     valid = context.get("key_mask")
     valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid.expand(scores.shape)
     if k == n:                     # everything fits: keep all, no ranking needed
@@ -891,11 +896,40 @@ def _check_context(context, scores):
     return checked
 
 
-def _merge_heads(scores, context):
-    """Average every per-head tensor over heads (a mask: a token counts if any head has it)."""
-    merged = {name: (v.any(1, keepdim=True) if v.dtype == torch.bool else v.float().mean(1, keepdim=True))
-              for name, v in context.items()}
-    return scores.sum(1, keepdim=True), merged
+# Tensor parallelism. transformers' tp_plan="auto" splits every layer's KV heads over the ranks of a
+# process group, the *head group*: each rank's attention sees Hkv / world of them. Per-head decisions
+# need nothing from the other ranks. Only what pools over all of a layer's heads must travel: the
+# per-layer selection (per_head=False, _merge_heads) and question_match's cosines. Budgets and the
+# question span depend only on the prompt's length and positions, the same on every rank; so do the
+# masks (from the model's attention mask). head_group None = one process: nothing is communicated.
+
+def head_sum(x, head_group):
+    """x, a sum over this rank's KV heads, summed over every rank of head_group (x itself for None).
+    An all-reduce leaves the same bits on every rank, so all ranks then make the same choice."""
+    if head_group is None:
+        return x
+    x = x.clone(memory_format=torch.contiguous_format)                      # all_reduce writes in place
+    torch.distributed.all_reduce(x, group=head_group)
+    return x
+
+
+def head_group_size(head_group):
+    """Ranks sharing a layer's KV heads: transformers shards heads evenly, so global heads = local * this."""
+    return 1 if head_group is None else torch.distributed.get_world_size(head_group)
+
+
+def _merge_heads(scores, context, head_group=None):
+    """Sum the scores over heads, average every other per-head tensor (a mask: a token counts if any
+    head has it). Under tensor parallelism the per-rank sums travel in one all-reduce of [B, 1 + E, N]."""
+    floats = [name for name, v in context.items() if v.dtype != torch.bool]
+    sums = [scores.sum(1, keepdim=True)] + [context[name].float().sum(1, keepdim=True) for name in floats]
+    if head_group is not None:     # one collective: stacked in the widest dtype, then split back
+        total = head_sum(torch.cat(sums, dim=1), head_group)                 # (B, 1 + E, N)
+        sums = [t.to(s.dtype) for t, s in zip(total.split(1, dim=1), sums)]
+    heads = scores.shape[1] * head_group_size(head_group)
+    merged = {name: v.any(1, keepdim=True) for name, v in context.items() if v.dtype == torch.bool}
+    merged.update({name: summed / heads for name, summed in zip(floats, sums[1:])})
+    return sums[0], merged
 
 
 def question_mask_from_spans(spans, batch: int, n: int, device=None):
@@ -916,12 +950,12 @@ def question_mask_from_spans(spans, batch: int, n: int, device=None):
 
 
 def prompt_evidence(q, k, v, config: EvictionConfig, *, scale=None, key_mask=None, question_mask=None,
-                    attention_fn: AttentionFn = attention):
+                    attention_fn: AttentionFn = attention, head_group=None):
     """The evidence config.policy ranks by, as keyword arguments for select_kept."""
     policy = config.policy
     if policy.needs_question and question_mask is None:
         raise ValueError(f"question_span: policy {policy.name!r} needs the question's token positions")
-    return policy.evidence(Prompt(q, k, v, scale, key_mask, question_mask, attention_fn))
+    return policy.evidence(Prompt(q, k, v, scale, key_mask, question_mask, attention_fn, head_group))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -994,7 +1028,7 @@ class LayerState:
         """Keep the policy's choice of `budget` slots: a gather on the slot axis of every per-slot tensor."""
         config = self.loop.config
         context = dict(self.evidence, key_mask=self.valid)
-        selection = choose(self.scores, self.budget, config.policy, config.per_head, context)
+        selection = choose(self.scores, self.budget, config.policy, config.per_head, context, self.loop.head_group)
         if record:
             self.prompt_record = {"selection": selection, "scores": self.scores, "positions": self.positions,
                                   "valid": self.valid, "evidence": dict(self.evidence)}
@@ -1024,19 +1058,26 @@ class EvictionLoop:
     question_span=(start, end) (or one per batch row), in token positions of the prompt, is what the
     question-based policies read. The prompt is cut right after its attention (Delayed: after the first
     generated token); each later forward evicts back to the budget once the cache holds evict_every
-    tokens more than it (1: every step, so the cache stays at the budget)."""
+    tokens more than it (1: every step, so the cache stays at the budget).
+    head_group: the process group over which tensor parallelism splits each layer's KV heads (head_sum);
+    None for one process, and the transformers adapter finds it from the model's sharded weights."""
 
     layer_type = LayerState
 
     def __init__(self, config: EvictionConfig | None = None, *, question_span=None, evict_every: int = 1,
-                 record: bool = False):
+                 record: bool = False, head_group=None):
         self.config = EvictionConfig() if config is None else config
         if not isinstance(self.config, EvictionConfig):
             raise TypeError(f"config: expected an EvictionConfig, got {type(self.config).__name__}")
         _check_int("evict_every", evict_every, 1)
+        if head_group is not None and not (torch.distributed.is_available()
+                                           and isinstance(head_group, torch.distributed.ProcessGroup)):
+            raise TypeError(f"head_group: expected a torch.distributed.ProcessGroup or None, "
+                            f"got {type(head_group).__name__}")
         self.question_span = question_span
         self.evict_every = evict_every
         self.record = record
+        self.head_group = head_group
         self.layers = []
         self._pooled = {}          # evidence name -> (sum over the layers so far, count)
         self._checkpoint = ([], {})
@@ -1081,7 +1122,8 @@ class EvictionLoop:
         b, h, n = keys.shape[:3]
         question_mask = question_mask_from_spans(self.question_span, b, n, keys.device)
         evidence = prompt_evidence(q, keys, values, self.config, scale=scale, key_mask=layer.key_mask(),
-                                   question_mask=question_mask, attention_fn=attention_fn)
+                                   question_mask=question_mask, attention_fn=attention_fn,
+                                   head_group=self.head_group)
         if question_mask is not None:
             evidence["question_mask"] = question_mask[:, None, :].expand(b, h, n)
         for name, layers in self.config.policy.layer_pooling().items():
@@ -1169,14 +1211,15 @@ class CabCache(EvictionLoop, Cache):
 
     Arguments as EvictionLoop's: question_span=(start, end) for the question-based policies (see
     find_question_span), evict_every, record=True keeps each layer's prompt selection
-    (layer.prompt_record)."""
+    (layer.prompt_record), head_group (found by itself under from_pretrained(..., tp_plan="auto"))."""
 
     layer_type = CabLayer
 
     def __init__(self, config: EvictionConfig | None = None, *, question_span=None, evict_every: int = 1,
-                 record: bool = False):
+                 record: bool = False, head_group=None):
         Cache.__init__(self, layers=[])
-        EvictionLoop.__init__(self, config, question_span=question_span, evict_every=evict_every, record=record)
+        EvictionLoop.__init__(self, config, question_span=question_span, evict_every=evict_every, record=record,
+                              head_group=head_group)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if layer_idx == 0:
@@ -1199,6 +1242,29 @@ def _check_library_mask(mask, key_mask, nq, nk):
                          "cab attention supports plain causal decoder masks only")
 
 
+def find_head_group(module, key, head_group=None):
+    """The head group of this attention call: None when this rank holds all of the layer's KV heads;
+    otherwise head_group as given or, under transformers' tp_plan, the tensor-parallel process group of
+    the mesh that the module's sharded (DTensor) weights live on."""
+    config = getattr(module, "config", None)
+    total = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
+    local = key.shape[1]
+    if total is None or local == total:
+        return head_group
+    if head_group is None:
+        meshes = [p.device_mesh for p in module.parameters() if hasattr(p, "device_mesh")]
+        if not meshes:
+            raise ValueError(f"head_group: this rank holds {local} of the layer's {total} KV heads but the "
+                             f"attention module has no sharded weights to find their process group from; "
+                             f"pass CabCache(head_group=...)")
+        mesh = meshes[0]
+        head_group = mesh.get_group("tp") if mesh.ndim > 1 else mesh.get_group()
+    if local * head_group_size(head_group) != total:
+        raise ValueError(f"head_group: this rank holds {local} of the layer's {total} KV heads, so "
+                         f"{total // local} ranks should share them; the group has {head_group_size(head_group)}")
+    return head_group
+
+
 def make_attention_interface(attention_fn: AttentionFn, *, validate: bool = False):
     """Wrap attention(q, k, v, ...) -> (out, scores) into transformers' attention-interface signature.
     validate=True: a NaN/inf input raises (and the cache rolls back) instead of spreading NaN."""
@@ -1216,6 +1282,8 @@ def make_attention_interface(attention_fn: AttentionFn, *, validate: bool = Fals
                 layer.valid[..., -nq:] = mask[:, 0, -1, -nq:][:, None, :]
             key_mask = layer.key_mask()
         try:
+            if layer is not None and layer.budget is None:       # the prompt: whose heads are these?
+                layer.loop.head_group = find_head_group(module, key, layer.loop.head_group)
             if mask is not None and (layer is None or layer.budget is None):
                 _check_library_mask(mask, key_mask, nq, nk)
             out, scores = attention_fn(query, key, value, scale=scaling, causal=True, key_mask=key_mask,
