@@ -3,6 +3,8 @@
     python bench.py            # table
     python bench.py --json     # the same rows as JSON (one object) on stdout
     python bench.py --quick    # fewer sizes (a smoke run)
+    python bench.py --autotune # first time every candidate tile of cab_fast's kernels at the bench sizes,
+                               # print the winners as a tile table (for cab_fast._TILES) and use them here
 
 Times are medians of triton.testing.do_bench (CUDA events, warm-up first). Correctness lives in
 test_equivalence.py; this file only checks that the fast path's outputs are finite before timing.
@@ -11,8 +13,8 @@ test_equivalence.py; this file only checks that the fast path's outputs are fini
 import argparse
 import datetime
 import json
-import os
 import math
+import os
 import subprocess
 import sys
 import time
@@ -22,8 +24,9 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-import cab_fast
 import cab_reference as ref
+
+cab_fast = None          # imported in main(), after --autotune has set CAB_AUTOTUNE
 
 ROWS = []
 
@@ -61,72 +64,61 @@ def _header():
             "cuda": torch.version.cuda, "commit": commit, "date": datetime.date.today().isoformat()}
 
 
-def _best(kernel):
-    cfg = getattr(kernel, "best_config", None)
-    if cfg is None:
-        return "-"
-    kw = cfg.kwargs
-    return "/".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_N") if k in kw) + f" w{cfg.num_warps} s{cfg.num_stages}"
+def _tile(kind, d, dtype=torch.bfloat16):
+    t = cab_fast.tiles("cuda", d, dtype)[kind]
+    return "/".join(map(str, t[:-2])) + f" w{t[-2]} s{t[-1]}" if kind != "decode" else \
+        f"{t[0]} w{t[1]} s{t[2]} {t[3]}/SM"
+
+
+def _qkv(n_q, n_k, heads, hkv, d, seed, dtype=torch.bfloat16):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return (torch.randn(1, heads, n_q, d, device="cuda", dtype=dtype, generator=g),
+            torch.randn(1, hkv, n_k, d, device="cuda", dtype=dtype, generator=g),
+            torch.randn(1, hkv, n_k, d, device="cuda", dtype=dtype, generator=g))
 
 
 def bench_prefill(lengths, heads=32, d=128):
     from torch.nn.attention import SDPBackend
     flash = _sdpa(SDPBackend.FLASH_ATTENTION)
-    cudnn = _sdpa(SDPBackend.CUDNN_ATTENTION)
+    qk_scale = cab_fast._LOG2E.value / math.sqrt(d)
     for hkv in (heads, heads // 4):
         for n in lengths:
-            g = torch.Generator(device="cuda").manual_seed(n)
-            q = torch.randn(1, heads, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
-            k = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
-            v = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            q, k, v = _qkv(n, n, heads, hkv, d, seed=n)
             flops = 4 * heads * n * n * d / 2                                   # causal: half of QK^T and PV
             r = {"n": n, "hq": heads, "hkv": hkv, "d": d}
+            r["sdpa_ms"] = _ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                      enable_gqa=hkv != heads))
             try:
                 r["sdpa_flash_ms"] = _ms(lambda: flash(q, k, v, True))
-            except RuntimeError as e:                                          # e.g. no GQA in this backend
+            except RuntimeError:                                               # e.g. no GQA in this backend
                 r["sdpa_flash_ms"] = None
-                r["sdpa_flash_error"] = str(e)[:80]
-            try:
-                r["sdpa_cudnn_ms"] = _ms(lambda: cudnn(q, k, v, True))
-            except RuntimeError:
-                r["sdpa_cudnn_ms"] = None
-            out, sc = cab_fast.attention(q, k, v, validate=False)
+            out, sc = cab_fast.attention(q, k, v)
             assert torch.isfinite(sc).all() and torch.isfinite(out).all()
-            r["fast_ms"] = _ms(lambda: cab_fast.attention(q, k, v, validate=False))
-            r["fast_validate_ms"] = _ms(lambda: cab_fast.attention(q, k, v))
-            r["fast_triton_fwd_ms"] = _ms(lambda: cab_fast._attention(q, k, v, validate=False, route="prefill"))
-            r["fwd_config"] = _best(cab_fast._fwd_kernel)
-            scale = 1 / math.sqrt(d)
-            _, lse = cab_fast._fwd_triton(q, k, v, None, scale * cab_fast._LOG2E, True)
-            r["triton_fwd_only_ms"] = _ms(lambda: cab_fast._fwd_triton(q, k, v, None, scale * cab_fast._LOG2E, True))
-            r["score_pass_ms"] = _ms(lambda: cab_fast._scores_triton(q, k, None, lse, scale * cab_fast._LOG2E, True))
-            r["score_config"] = _best(cab_fast._score_kernel)
-            try:                                                               # vendor forward + score pass
-                r["fast_cudnn_fwd_ms"] = _ms(lambda: cab_fast._attention(q, k, v, validate=False, route="cudnn"))
-            except RuntimeError:
-                r["fast_cudnn_fwd_ms"] = None
-            base = r["sdpa_flash_ms"] or r["sdpa_cudnn_ms"]
-            r["ratio_vs_sdpa_flash"] = r["fast_ms"] / base if base else None
+            r["fast_ms"] = _ms(lambda: cab_fast.attention(q, k, v))
+            r["fast_validate_ms"] = _ms(lambda: cab_fast.attention(q, k, v, validate=True))
+            r["fast_triton_fwd_ms"] = _ms(lambda: cab_fast._attention(q, k, v, route="prefill"))
+            _, lse = cab_fast._fwd_cudnn(q, k, v, 1 / math.sqrt(d), True)
+            r["score_pass_ms"] = _ms(lambda: cab_fast._scores_triton(q, k, None, lse, qk_scale, True))
+            r["ratio_vs_sdpa"] = r["fast_ms"] / r["sdpa_ms"]
             r["fast_tflops"] = flops / r["fast_ms"] / 1e9
-            r["sdpa_flash_tflops"] = flops / base / 1e9 if base else None
+            r["sdpa_tflops"] = flops / r["sdpa_ms"] / 1e9
             # peak extra memory of the score pass (beyond q, k, v, out, lse)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-            sc = cab_fast._scores_triton(q, k, None, lse, scale * cab_fast._LOG2E, True)
+            sc = cab_fast._scores_triton(q, k, None, lse, qk_scale, True)
             torch.cuda.synchronize()
             r["score_pass_extra_mib"] = (torch.cuda.max_memory_allocated() - before) / 2 ** 20
-            r["scores_bytes_theory_mib"] = 4 * hkv * n / 2 ** 20
             del sc
             if n <= 4096:                                                      # eager: N^2 memory beyond
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
-                r["reference_ms"] = _ms(lambda: ref.attention(q, k, v, validate=False), rep=20)
+                r["reference_ms"] = _ms(lambda: ref.attention(q, k, v), rep=20)
                 r["reference_peak_gib"] = (torch.cuda.max_memory_allocated() - before) / 2 ** 30
             else:
                 r["reference_ms"] = None
+            r["tiles"] = f"fwd {_tile('fwd', d)} | score {_tile('score', d)}"
             _row("prefill", **r)
-            del q, k, v, out, lse
             torch.cuda.empty_cache()
             yield r
 
@@ -147,30 +139,127 @@ def _graphed(fn):
 def bench_decode(lengths, heads=32, d=128):
     for hkv in (heads, heads // 4):
         for n in lengths:
-            g = torch.Generator(device="cuda").manual_seed(n)
-            q = torch.randn(1, heads, 1, d, device="cuda", dtype=torch.bfloat16, generator=g)
-            k = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
-            v = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
+            q, k, v = _qkv(1, n, heads, hkv, d, seed=n)
             r = {"n": n, "hq": heads, "hkv": hkv, "d": d}
-            r["sdpa_ms"] = _ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=hkv != heads))
-            out, sc = cab_fast.attention(q, k, v, validate=False)
+            sdpa = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=hkv != heads)   # noqa: E731
+            r["sdpa_ms"] = _ms(sdpa)
+            out, sc = cab_fast.attention(q, k, v)
             assert torch.isfinite(sc).all() and torch.isfinite(out).all()
-            r["fast_ms"] = _ms(lambda: cab_fast.attention(q, k, v, validate=False))
-            r["fast_validate_ms"] = _ms(lambda: cab_fast.attention(q, k, v))
-            r["decode_config"] = _best(cab_fast._decode_partial_kernel)
+            r["fast_ms"] = _ms(lambda: cab_fast.attention(q, k, v))
+            r["fast_validate_ms"] = _ms(lambda: cab_fast.attention(q, k, v, validate=True))
             # GPU time alone (CUDA-graph replay, as a serving loop runs decode): no Python launch overhead
-            r["fast_graph_ms"] = _ms(_graphed(lambda: cab_fast.attention(q, k, v, validate=False)))
-            r["sdpa_graph_ms"] = _ms(_graphed(lambda: F.scaled_dot_product_attention(q, k, v,
-                                                                                     enable_gqa=hkv != heads)))
+            r["fast_graph_ms"] = _ms(_graphed(lambda: cab_fast.attention(q, k, v)))
+            r["sdpa_graph_ms"] = _ms(_graphed(sdpa))
             r["graph_ratio"] = r["fast_graph_ms"] / r["sdpa_graph_ms"]
             r["ratio_vs_sdpa"] = r["fast_ms"] / r["sdpa_ms"]
             kv_bytes = 2 * k.numel() * k.element_size()
-            r["fast_tb_s"] = kv_bytes / r["fast_ms"] / 1e9
-            r["sdpa_tb_s"] = kv_bytes / r["sdpa_ms"] / 1e9
+            r["fast_tb_s"] = kv_bytes / r["fast_graph_ms"] / 1e9
+            r["sdpa_tb_s"] = kv_bytes / r["sdpa_graph_ms"] / 1e9
+            r["tile"] = _tile("decode", d)
             _row("decode", **r)
-            del q, k, v
             torch.cuda.empty_cache()
             yield r
+
+
+def _host_us(fn, calls=2000):
+    """Host microseconds per call of fn in a loop without synchronisation: on a tiny problem the GPU
+    keeps up, so this is the Python + launch cost a caller pays."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
+def bench_overhead(d=128):
+    """Per-call host overhead on tiny problems (B=1, Hq=8, Hkv=2), cab_fast against SDPA."""
+    for label, nq, nk in (("decode", 1, 64), ("decode", 1, 4096), ("prefill", 64, 64)):
+        q, k, v = _qkv(nq, nk, 8, 2, d, seed=nk)
+        r = {"call": label, "nq": nq, "nk": nk}
+        r["sdpa_us"] = _host_us(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+        r["fast_us"] = _host_us(lambda: cab_fast.attention(q, k, v))
+        r["fast_validate_us"] = _host_us(lambda: cab_fast.attention(q, k, v, validate=True), calls=200)
+        r["ratio"] = r["fast_us"] / r["sdpa_us"]
+        _row("overhead", **r)
+        yield r
+
+
+_FIRST_CALL = r"""
+import json, sys, time
+t0 = time.perf_counter(); import torch; t1 = time.perf_counter()
+import cab_fast
+t2 = time.perf_counter()
+r = {"import_torch_s": t1 - t0, "import_cab_fast_s": t2 - t1}
+def qkv(nq, nk, hq=32, hkv=8, d=128):
+    return [torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16) for h, n in ((hq, nq), (hkv, nk), (hkv, nk))]
+def first(name, *shape):
+    q, k, v = qkv(*shape); torch.cuda.synchronize()
+    t = time.perf_counter(); cab_fast.attention(q, k, v); torch.cuda.synchronize()
+    r[name] = time.perf_counter() - t
+first("decode_4k_s", 1, 4096); first("decode_new_len_s", 1, 5000); first("decode_short_s", 1, 100)
+first("prefill_2k_s", 2048, 2048); first("prefill_new_len_s", 3000, 3000)
+q, k, v = qkv(512, 512); m = torch.ones(1, 512, dtype=torch.bool, device="cuda"); m[:, :7] = False
+torch.cuda.synchronize(); t = time.perf_counter(); cab_fast.attention(q, k, v, key_mask=m); torch.cuda.synchronize()
+r["padded_prefill_s"] = time.perf_counter() - t            # key_mask: the Triton forward
+print(json.dumps(r))
+"""
+
+
+def bench_first_call():
+    """First calls in fresh processes (bf16, D=128, GQA 32/8): a cold Triton cache (compiles) and a warm
+    one (the same cache again). CUDA is initialised before each timed call."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TRITON_CACHE_DIR": cache}
+        for label in ("cold", "warm"):
+            res = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, capture_output=True, text=True,
+                                 timeout=300)
+            if res.returncode:
+                raise RuntimeError(f"first-call subprocess failed:\n{res.stderr[-2000:]}")
+            r = _row("first_call", cache=label, **json.loads(res.stdout.strip().splitlines()[-1]))
+            yield r
+
+
+def sweep_tiles(d_list=(64, 128)):
+    """Time every candidate tile of each kernel at the bench sizes (bf16, causal, GQA 32/8 and MHA) and
+    install the winners (least geometric-mean slowdown against the best candidate per size) in
+    cab_fast._TILES for the rest of this run. Returns the table entries to paste into cab_fast.py."""
+    cap = torch.cuda.get_device_capability()
+    table = cab_fast._TILES.setdefault(cap, {})
+    found = {}
+    for d in d_list:
+        bd = cab_fast._block_d(d)
+        qk_scale = cab_fast._LOG2E.value / math.sqrt(d)
+        problems = {"fwd": [], "score": [], "decode": []}
+        for n, hkv in ((4096, 8), (16384, 8)):
+            q, k, v = _qkv(n, n, 32, hkv, d, seed=n)
+            problems["fwd"].append(lambda t, q=q, k=k, v=v: cab_fast._fwd_triton(q, k, v, None, qk_scale, True, tile=t))
+        for n, hkv in ((1024, 8), (4096, 32), (16384, 8)):
+            q, k, v = _qkv(n, n, 32, hkv, d, seed=n)
+            lse = cab_fast._fwd_cudnn(q, k, v, 1 / math.sqrt(d), True)[1]
+            problems["score"].append(lambda t, q=q, k=k, lse=lse: cab_fast._scores_triton(q, k, None, lse, qk_scale,
+                                                                                         True, tile=t))
+        for n, hkv in ((4096, 8), (32768, 32), (131072, 8), (131072, 32)):
+            q, k, v = _qkv(1, n, 32, hkv, d, seed=n)
+            problems["decode"].append(lambda t, q=q, k=k, v=v: cab_fast._decode(q, k, v, 1 / math.sqrt(d), True, None,
+                                                                               tile=t))
+        for kind, runs in problems.items():
+            cands = [t for t in cab_fast._CANDIDATES[kind] if cab_fast._fits(kind, t, bd, False)]
+            times = [[cab_fast._time_ms(lambda: run(t)) for run in runs] for t in cands]
+            best = [min(col) for col in zip(*times)]
+            slow = [math.exp(sum(math.log(x / b) for x, b in zip(row, best)) / len(best)) for row in times]
+            i = min(range(len(cands)), key=slow.__getitem__)
+            table[(kind, bd, "half")] = found[(kind, bd, "half")] = cands[i]
+            yield {"kind": kind, "block_d": bd, "winner": cands[i], "slowdown": slow[i],
+                   "all": {str(c): round(s, 3) for c, s in zip(cands, slow)}}
+        del problems
+        torch.cuda.empty_cache()
+    print(f"# {torch.cuda.get_device_name(0)} (sm{cap[0]}{cap[1]}), {datetime.date.today()}, torch "
+          f"{torch.__version__}, triton {triton.__version__}: bench.py --autotune\n{cap}: {found!r},", flush=True)
 
 
 def _cache(pol, evict_every):
@@ -238,37 +327,58 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     ap.add_argument("--quick", action="store_true", help="fewer sizes, for a smoke run")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: prefill,decode,e2e")
+    ap.add_argument("--skip", default="",
+                    help="comma list of sections to skip: overhead,first,prefill,decode,e2e")
+    ap.add_argument("--autotune", action="store_true",
+                    help="sweep cab_fast's candidate tiles first, print the winning table and use it in this run "
+                         "(and CAB_AUTOTUNE=1: any other shape class is tuned on its first call)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench.py needs a CUDA GPU (cab_fast's kernels); tests run on CPU, benchmarks do not")
+    global cab_fast
+    if args.autotune:
+        os.environ["CAB_AUTOTUNE"] = "1"
+    import cab_fast
     head = _header()
     say = (lambda *a, **k: None) if args.json else print
     say(" | ".join(f"{k} {v}" for k, v in head.items()))
     skip = set(args.skip.split(","))
+    if args.autotune:
+        say("\ntile sweep (bf16, causal): geometric-mean slowdown of each candidate against the best per size")
+        for r in sweep_tiles():
+            say(f"{r['kind']:>6} D{r['block_d']:<4} winner {r['winner']} ({r['slowdown']:.3f})  {r['all']}", flush=True)
+    if "overhead" not in skip:
+        say("\nhost time per call, tiny problems (B=1, Hq=8, Hkv=2, D=128, bf16), us; loop without sync")
+        say(f"{'call':>8} {'Nq':>4} {'Nk':>5} {'sdpa':>7} {'fast':>7} {'ratio':>6} {'fast+val':>8}")
+        for r in bench_overhead():
+            say(f"{r['call']:>8} {r['nq']:>4} {r['nk']:>5} {r['sdpa_us']:>7.1f} {r['fast_us']:>7.1f} "
+                f"{r['ratio']:>6.2f} {r['fast_validate_us']:>8.1f}", flush=True)
+    if "first" not in skip:
+        say("\nfirst calls in a fresh process, s (bf16, D=128, GQA 32/8; CUDA initialised before each call)")
+        for r in bench_first_call():
+            say(f"{r['cache']:>5} Triton cache: " + ", ".join(f"{k[:-2]} {v:.3f}" for k, v in r.items()
+                                                              if k.endswith("_s")), flush=True)
     if "prefill" not in skip:
         lengths = [1024, 4096] if args.quick else [1024, 4096, 16384, 32768]
-        say("\nprefill, B=1, Hq=32, D=128, bf16, causal; times in ms (median); ratio = cab_fast / SDPA-flash")
-        say(f"{'N':>6} {'Hkv':>4} {'sdpa-fl':>8} {'sdpa-cdn':>8} {'fast':>8} {'ratio':>6} {'TFLOP/s':>8} "
-            f"{'fast+val':>8} {'tri-fwd':>8} {'cdn-fwd':>8} {'fwd only':>8} {'scores':>8} {'ref':>8} "
-            f"{'ref GiB':>8} {'extraMiB':>8}  configs fwd | score")
+        say("\nprefill, B=1, Hq=32, D=128, bf16, causal; ms (median); ratio = cab_fast / SDPA default backend")
+        say(f"{'N':>6} {'Hkv':>4} {'sdpa':>8} {'sdpa-fl':>8} {'fast':>8} {'ratio':>6} {'TFLOP/s':>8} "
+            f"{'fast+val':>8} {'tri-fwd':>8} {'scores':>8} {'ref':>8} {'ref GiB':>8} {'extraMiB':>8}  tiles")
         for r in bench_prefill(lengths):
-            say(f"{r['n']:>6} {r['hkv']:>4} {_f(r['sdpa_flash_ms'])} {_f(r['sdpa_cudnn_ms'])} {_f(r['fast_ms'])} "
-                f"{_f(r['ratio_vs_sdpa_flash'], '{:6.2f}')} {_f(r['fast_tflops'], '{:8.1f}')} "
-                f"{_f(r['fast_validate_ms'])} {_f(r['fast_triton_fwd_ms'])} {_f(r.get('fast_cudnn_fwd_ms'))} "
-                f"{_f(r['triton_fwd_only_ms'])} {_f(r['score_pass_ms'])} {_f(r['reference_ms'])} "
-                f"{_f(r.get('reference_peak_gib'), '{:8.2f}')} {_f(r['score_pass_extra_mib'], '{:8.2f}')}  "
-                f"{r['fwd_config']} | {r['score_config']}", flush=True)
+            say(f"{r['n']:>6} {r['hkv']:>4} {_f(r['sdpa_ms'])} {_f(r['sdpa_flash_ms'])} {_f(r['fast_ms'])} "
+                f"{_f(r['ratio_vs_sdpa'], '{:6.2f}')} {_f(r['fast_tflops'], '{:8.1f}')} "
+                f"{_f(r['fast_validate_ms'])} {_f(r['fast_triton_fwd_ms'])} {_f(r['score_pass_ms'])} "
+                f"{_f(r['reference_ms'])} {_f(r.get('reference_peak_gib'), '{:8.2f}')} "
+                f"{_f(r['score_pass_extra_mib'], '{:8.2f}')}  {r['tiles']}", flush=True)
     if "decode" not in skip:
         lengths = [4096, 32768] if args.quick else [4096, 16384, 32768, 65536, 131072]
-        say("\ndecode, 1 query, B=1, Hq=32, D=128, bf16; ms (median); TB/s = K+V bytes / time")
+        say("\ndecode, 1 query, B=1, Hq=32, D=128, bf16; ms (median); TB/s = K+V bytes / graph-replay time")
         say(f"{'Nk':>7} {'Hkv':>4} {'sdpa':>8} {'fast':>8} {'ratio':>6} {'fast+val':>8} {'TB/s':>6} "
-            f"{'sdpaTB/s':>8} {'sdpa-gr':>8} {'fast-gr':>8} {'gr-ratio':>8}  config   (gr = CUDA-graph replay)")
+            f"{'sdpaTB/s':>8} {'sdpa-gr':>8} {'fast-gr':>8} {'gr-ratio':>8}  tile   (gr = CUDA-graph replay)")
         for r in bench_decode(lengths):
             say(f"{r['n']:>7} {r['hkv']:>4} {_f(r['sdpa_ms'])} {_f(r['fast_ms'])} {_f(r['ratio_vs_sdpa'], '{:6.2f}')} "
                 f"{_f(r['fast_validate_ms'])} {_f(r['fast_tb_s'], '{:6.2f}')} {_f(r['sdpa_tb_s'], '{:8.2f}')} "
                 f"{_f(r['sdpa_graph_ms'])} {_f(r['fast_graph_ms'])} {_f(r['graph_ratio'], '{:8.2f}')}  "
-                f"{r['decode_config']}", flush=True)
+                f"{r['tile']}", flush=True)
     if "e2e" not in skip:
         prompts = [16384] if args.quick else [16384, 32768]
         say("\nend to end: random Llama (16 layers, hidden 2048, 16/4 heads, D=128, bf16), B=1, greedy, "
