@@ -687,3 +687,299 @@ def register():
 
 
 register()
+
+
+# ---- fast cache ----
+# The twin of cab_reference's eviction loop (its section 6) for generation: cab_fast.CabCache, the same
+# constructor and methods as the reference's, switched with one word.
+#
+# What differs is where the state lives. The reference keeps each layer's tokens in position order and
+# rebuilds every per-slot tensor (cat to append, gather to evict) at every step. Here, once a layer has been
+# cut, its tokens move into preallocated per-slot buffers of capacity C = budget + evict_every, stacked over
+# the layers (a SlotBank):
+#   - a decode step writes the new token's key and value into a free slot (the slot an eviction freed);
+#     nothing else is copied, and the attention runs over all C slots with the free ones masked;
+#   - a cut ranks the slots with the reference's own `choose`, on a view sorted by position (the slots are
+#     in no particular order, and the selection ranks by slot order: recency, ties to the later slot,
+#     pooling over neighbours), once for all layers; the evicted slots become the free list;
+#   - nothing asks the device for a value, so a decode step has static shapes and can be captured in a CUDA
+#     graph: the next slot, the cursor into the free list and the next position are device tensors.
+# The prompt, a Delayed policy's uncut prompt, and any call of more than one token after the cut (a question
+# appended to a compressed cache, chunked prefill) run the reference's path on position-ordered tensors:
+# the new tokens' bottom-right causal mask needs them after the old ones in position order, so the bank is
+# compacted back into position order first (a gather, rare) and rebuilt at the next single-token step.
+
+from transformers import AttentionInterface  # noqa: E402  (the adapter's imports, where a reader sees them)
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
+
+_CUT_ELEMENTS = 1 << 24       # a cut ranks at most this many slots at once (its temporaries scale with it)
+
+
+class SlotBank:
+    """Every layer's cut cache in per-slot buffers, stacked over the layers; Ly layers, C slots each:
+
+        keys, values [Ly, B, Hkv, C, D]    scores [Ly, B, Hkv, C] float32    positions [Ly, B, Hkv, C] int64
+        valid [Ly, B, Hkv, C] bool         evidence {name: [Ly, B, Hkv, C]}  (the policy's, per slot)
+        free [Ly, B, Hkv, C] int64         the slots the next tokens go to, in order (the first C - live)
+        cursor [] int64                    index into free of the next token's slot
+        next_slot [Ly, B, Hkv, 1] int64    free[cursor]: where the next token goes, per layer and head
+
+    A free slot is masked (valid False) and already holds what its next token starts with: score 0, the
+    policy's fill evidence and the position that token will have, so `positions < seen` marks the live slots.
+    """
+
+    def __init__(self, loop, n_layers, first):
+        b, h, live, d = first.keys.shape
+        self.loop, self.budget, self.live = loop, first.budget, live
+        cap = first.budget + loop.evict_every
+        dev = first.keys.device
+        shape = (n_layers, b, h, cap)
+        self.keys = first.keys.new_empty(shape + (d,))
+        self.values = first.values.new_empty(shape + (d,))
+        self.scores = torch.zeros(shape, dtype=torch.float32, device=dev)
+        self.valid = torch.zeros(shape, dtype=torch.bool, device=dev)
+        self.positions = torch.empty(shape, dtype=torch.int64, device=dev)
+        self.positions[..., live:] = first.seen + torch.arange(cap - live, device=dev)
+        self.evidence = {name: torch.full(shape, self._fill(name), dtype=t.dtype, device=dev)
+                         for name, t in first.evidence.items()}
+        self.free = torch.zeros(shape, dtype=torch.int64, device=dev)
+        self.free[..., :cap - live] = torch.arange(live, cap, device=dev)
+        self.cursor = torch.zeros((), dtype=torch.int64, device=dev)
+        self.next_position = torch.full((), first.seen, dtype=torch.int64, device=dev)
+        self.next_slot = self.free[..., :1].clone()
+        self.members = [None] * n_layers
+
+    def _fill(self, name):
+        return self.loop.config.policy.fill_value(name)
+
+    def fits(self, layer):
+        """Whether this cut layer can move in: same shapes, dtype, device, budget, evidence and token count."""
+        return (layer.keys.shape == self.keys.shape[1:3] + (self.live, self.keys.shape[-1])
+                and layer.keys.dtype == self.keys.dtype and layer.keys.device == self.keys.device
+                and layer.budget == self.budget and layer.evidence.keys() == self.evidence.keys())
+
+    def move_in(self, index, layer):
+        """Copy a cut layer's position-ordered state into its slots; the layer keeps views of the buffers."""
+        live = self.live
+        for name in ("keys", "values", "scores", "positions", "valid"):
+            getattr(self, name)[index, :, :, :live] = getattr(layer, name)
+            setattr(layer, name, getattr(self, name)[index])
+        for name, t in layer.evidence.items():
+            self.evidence[name][index, :, :, :live] = t
+        layer.evidence = {name: t[index] for name, t in self.evidence.items()}
+        layer.bank, layer.slot = self, self.next_slot[index]
+        self.members[index] = layer
+
+    @property
+    def complete(self):
+        return all(m is not None for m in self.members)
+
+    def end_step(self):
+        """After every layer attended to the new token: cut if the cache is evict_every over the budget,
+        and point every layer at the next token's slot."""
+        self.live += 1
+        self.next_position.add_(1)
+        if self.live - self.budget >= self.loop.evict_every:
+            for start in range(0, len(self.members), self._layers_per_cut()):
+                self.cut(slice(start, start + self._layers_per_cut()))
+            self.live = self.budget
+            self.cursor.zero_()
+        else:
+            self.cursor.add_(1)
+        self.next_slot.copy_(self.free.gather(-1, self.cursor.expand(self.next_slot.shape)))
+
+    def _layers_per_cut(self):
+        return max(1, _CUT_ELEMENTS // self.scores[0].numel())
+
+    def cut(self, layers):
+        """Evict every layer of `layers` (a slice) back to the budget: the reference's `choose` on the slots
+        sorted by position, then the evicted slots become the free list (no key or value moves)."""
+        config, budget = self.loop.config, self.budget
+        positions = self.positions[layers]                                   # (l, B, Hkv, C), all live
+        order = positions.argsort(dim=-1)                                    # slots in position order
+        by_position = lambda t: t[layers].gather(-1, order).flatten(0, 1)    # (l * B, Hkv, C)
+        context = {name: by_position(t) for name, t in self.evidence.items()}
+        context["key_mask"] = by_position(self.valid)
+        selection = _ref.choose(by_position(self.scores), budget, config.policy, config.per_head, context,
+                           self.loop.head_group)
+        evicted = order.gather(-1, selection.order[..., budget:].reshape(order.shape[:-1] + (-1,)))  # (l, B, Hkv, E)
+        e = evicted.shape[-1]
+        self.free[layers, ..., :e] = evicted
+        self.scores[layers].scatter_(-1, evicted, 0.0)
+        self.valid[layers].scatter_(-1, evicted, False)
+        positions.scatter_(-1, evicted, (self.next_position + torch.arange(e, device=evicted.device)).expand_as(evicted))
+        for name, t in self.evidence.items():
+            t[layers].scatter_(-1, evicted, self._fill(name))
+
+    def move_out(self, index, layer):
+        """The layer's live slots back into position-ordered tensors of its own (the reference's layout)."""
+        order = self.positions[index].argsort(dim=-1)[..., :self.live]       # (B, Hkv, live)
+        layer.keys = self.keys[index].gather(2, order[..., None].expand(-1, -1, -1, self.keys.shape[-1]))
+        layer.values = self.values[index].gather(2, order[..., None].expand(-1, -1, -1, self.values.shape[-1]))
+        for name in ("scores", "positions", "valid"):
+            setattr(layer, name, getattr(self, name)[index].gather(-1, order))
+        layer.evidence = {name: t[index].gather(-1, order) for name, t in self.evidence.items()}
+        layer.bank = layer.slot = None
+
+
+class FastLayer(_ref.CabLayer):
+    """The reference's cache layer until it is cut; then a view into the SlotBank (see above)."""
+
+    def __init__(self, loop):
+        super().__init__(loop)
+        self.bank = self.slot = None
+        self.index = None          # this layer's index in the model (and in the bank)
+        self.padded = False        # a mask came with some token: key_mask() must be passed to attention
+
+    def key_mask(self):
+        """[B, L] real tokens, or None while no token can be padding (so attention may take cuDNN's forward)."""
+        return super().key_mask() if self.padded else None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.bank is None:
+            return super().update(key_states, value_states)
+        _ref._last_updated_layer = self    # see cab_reference: the attention call picks its layer up there
+        d = self.keys.shape[-1]
+        self.keys.scatter_(2, self.slot[..., None].expand(-1, -1, -1, d), key_states)
+        self.values.scatter_(2, self.slot[..., None].expand(-1, -1, -1, d), value_states)
+        self.seen += 1
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        if self.bank is None:
+            return super().get_mask_sizes(query_length)
+        q = query_length if isinstance(query_length, int) else int(query_length.shape[0])
+        return self.bank.live + q, self.seen - self.bank.live
+
+    def attend(self, query, attention_mask, scaling):
+        """One decode token against all C slots: out [B, Hq, 1, D]; scores accumulate in the slots.
+
+        The free slots and the padding differ per KV head, so the key mask is per (row, KV head): the heads
+        are folded into the batch ([B * Hkv, G, 1, D] queries against [B * Hkv, 1, C, D] keys), the same
+        programs and bytes as [B, Hq] against [B, Hkv]."""
+        b, hq, _, d = query.shape
+        hkv, cap = self.keys.shape[1], self.keys.shape[2]
+        if attention_mask is None:
+            self.valid.scatter_(2, self.slot, True)
+        else:                      # the library's mask: its last column is this token
+            self.padded = True
+            new = _ref._as_bool_mask(attention_mask)[:, 0, -1, -1]           # (B,)
+            self.valid.scatter_(2, self.slot, new[:, None, None].expand(b, hkv, 1))
+        out, scores = attention(query.reshape(b * hkv, hq // hkv, 1, d), self.keys.view(b * hkv, 1, cap, d),
+                                self.values.view(b * hkv, 1, cap, d), scale=scaling, causal=True,
+                                key_mask=self.valid.view(b * hkv, cap))
+        scores = scores.view(b, hkv, cap)
+        self.scores.add_(scores)
+        if "decode_scores" in self.evidence:                   # Delayed: attention received after the prompt
+            self.evidence["decode_scores"].add_(scores)
+        if self.index == len(self.bank.members) - 1:        # the last layer: the step is complete
+            self.bank.end_step()
+        return out.reshape(b, hq, 1, d)
+
+    def index_batch(self, index):
+        self.loop.dissolve()
+        super().index_batch(index)
+
+
+class CabCache(_ref.CabCache):
+    """cab_reference.CabCache with per-slot buffers: same arguments, same evictions, and a decode step that
+    copies nothing, syncs nothing and can be captured in a CUDA graph. Use attn_implementation="cab_fast".
+
+    A decode step that fails cannot be undone (the buffers are written in place): the cache then refuses
+    to go on. Layers that differ in shape (or a model split over devices) keep the reference's layout.
+    Replaying a captured decode step advances the device state only: get_seq_length() lags, while the
+    cached tokens and kept_positions() are right."""
+
+    layer_type = FastLayer
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bank = None           # the SlotBank once the layers are cut
+        self.in_slots = False      # this forward runs on the bank
+        self.slots_ok = True       # False once layers turned out to differ: the reference's layout for good
+        self.broken = None         # why the cache refuses to go on
+
+    def layer(self, index):
+        layer = super().layer(index)
+        layer.index = index
+        return layer
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self.broken:
+            raise RuntimeError(f"CabCache: {self.broken}; start a new cache")
+        if layer_idx == 0:
+            if self.bank is not None and (key_states.shape[-2] != 1 or not self.bank.complete):
+                self.dissolve()    # several new tokens: position order for their causal mask (rare)
+            self.in_slots = self.bank is not None
+        if self.in_slots:
+            return self.layer(layer_idx).update(key_states, value_states)
+        return super().update(key_states, value_states, layer_idx)
+
+    def rollback(self):
+        if self.in_slots:
+            self.broken = "a decode step failed after the cache's buffers were written"
+            return
+        self.bank = None           # layers moved in during this forward get their old state back
+        super().rollback()
+
+    def after_reference_forward(self, layer, n_layers):
+        """A layer finished a forward on the reference's path: once it is cut, move it into the bank."""
+        budget = layer.budget
+        if not self.slots_ok or budget is None or budget == math.inf or n_layers is None \
+                or layer.keys.shape[-2] >= budget + self.evict_every:
+            return                 # not cut yet (a Delayed prompt), or never cut (Dense)
+        if "decode_scores" in layer.evidence and self.record and layer.prompt_record is None:
+            return                 # Delayed: its first cut is recorded on the reference's path
+        if self.bank is None:
+            self.bank = SlotBank(self, n_layers, layer)
+        if layer.index >= n_layers or not self.bank.fits(layer):
+            self.dissolve()
+            self.slots_ok = False
+            return
+        self.bank.move_in(layer.index, layer)
+
+    def dissolve(self):
+        """Every layer back to the reference's position-ordered tensors (multi-token calls, beam search)."""
+        if self.bank is not None:
+            for index, layer in enumerate(self.bank.members):
+                if layer is not None:
+                    self.bank.move_out(index, layer)
+            self.bank = None
+
+    def kept_positions(self):
+        """Per layer, the original positions of the cached tokens, ascending: [B, Hkv, L] int64."""
+        return [layer.positions if layer.bank is None
+                else layer.positions.sort(dim=-1).values[..., :layer.bank.live] for layer in self.layers]
+
+
+_reference_forward = _ref.make_attention_interface(attention)
+
+
+def _cab_fast_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """attn_implementation="cab_fast": a FastLayer in the bank attends over its slots; everything else (the
+    prompt, multi-token calls, the reference's CabCache, no cache) takes the reference's adapter."""
+    layer = _ref._last_updated_layer
+    if not (isinstance(layer, FastLayer) and layer.keys is key):
+        return _reference_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    if dropout and module.training:
+        raise ValueError(f"dropout: cab attention has no dropout, got {dropout} in training mode")
+    cache = layer.loop
+    if layer.bank is not None:
+        try:
+            return layer.attend(query, attention_mask, scaling).transpose(1, 2), None   # (B, 1, Hq, D)
+        except Exception:
+            cache.rollback()
+            raise
+    layer.padded = layer.padded or attention_mask is not None
+    out = _reference_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    cache.after_reference_forward(layer, getattr(getattr(module, "config", None), "num_hidden_layers", None))
+    return out
+
+
+def register():
+    """Make attn_implementation="cab_fast" available to transformers (done once on import)."""
+    AttentionInterface.register("cab_fast", _cab_fast_forward)
+    AttentionMaskInterface.register("cab_fast", sdpa_mask)
+
+
+register()
