@@ -1,0 +1,163 @@
+"""Tensor parallelism on CPU: two processes over gloo stand in for two GPUs.
+
+Each rank holds half of a layer's KV heads, as under transformers' tp_plan="auto". What pools over all
+heads (per-layer selection, question_match) must come out equal to one process holding every head, and
+equal on every rank; per-head selection needs no communication. The last test runs tp_check.py's whole
+check (a random Llama loaded with tp_plan="auto", reference cache and attention, float64) at small sizes.
+"""
+
+import datetime
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import cab_reference as ref
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with the gloo backend is not available")
+
+WORLD = 2
+
+
+CHECKS = {}   # name -> function(rank): every check runs in one spawn of WORLD ranks (imports cost seconds)
+
+
+def check(fn):
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_checks(rank, port, out_dir):
+    """One rank: every check in CHECKS, each failure written to out_dir/<check>.<rank>."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    try:
+        for name, fn in CHECKS.items():
+            try:
+                fn(rank)
+            except Exception:
+                with open(os.path.join(out_dir, f"{name}.{rank}"), "w") as f:
+                    f.write(traceback.format_exc())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def failures(tmp_path_factory):
+    """{check name: traceback of the first rank where it failed}, from one spawn of all checks."""
+    out_dir = tmp_path_factory.mktemp("tp")
+    mp.spawn(_run_checks, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    return {path.name.split(".")[0]: path.read_text() for path in sorted(out_dir.iterdir())}
+
+
+def _expect_pass(failures, name):
+    assert name in CHECKS
+    assert name not in failures, failures.get(name)
+
+
+def _dyadic(*shape, seed):
+    """Multiples of 1/16 below 64: sums over heads are exact in any order, so the check can be exact."""
+    return torch.randint(0, 1024, shape, generator=torch.Generator().manual_seed(seed)).float() / 16
+
+
+def _shard(x, rank):
+    """This rank's KV heads (dim 1), contiguous blocks in rank order as tp_plan shards them."""
+    return x.chunk(WORLD, dim=1)[rank]
+
+
+def _same_on_every_rank(x):
+    gathered = [torch.empty_like(x) for _ in range(WORLD)]
+    dist.all_gather(gathered, x.contiguous())
+    return all(torch.equal(gathered[0], g) for g in gathered)
+
+
+SELECTION_CASES = [  # (policy, evidence names it ranks by)
+    (ref.H2O(), ()),
+    (ref.CAB(), ()),
+    (ref.CAB(bridge="connectivity"), ("connectivity",)),
+    (ref.SnapKV(), ("window_scores",)),
+    (ref.MatchSpan(), ("question_match",)),
+    (ref.QuestionAware(), ("question_similarity",)),
+    (ref.DynamicLocal(), ()),
+]
+
+
+def _selection_case(rank, b, h, n, budget):
+    key_mask = torch.ones(b, n, dtype=torch.bool)
+    key_mask[0, :5] = False                                                  # left padding in row 0
+    question_mask = torch.zeros(b, n, dtype=torch.bool)
+    question_mask[:, n - 8:n - 2] = True
+    for case, (policy, names) in enumerate(SELECTION_CASES):
+        scores = _dyadic(b, h, n, seed=10 + case)
+        evidence = {name: _dyadic(b, h, n, seed=100 * case + i) for i, name in enumerate(names)}
+        for per_head in (False, True):
+            config = ref.EvictionConfig(policy, budget=budget, per_head=per_head)
+            whole = ref.select_parts(scores, config, key_mask=key_mask, question_mask=question_mask, **evidence)
+            sharded = ref.select_parts(_shard(scores, rank), config, key_mask=key_mask, question_mask=question_mask,
+                                       head_group=dist.group.WORLD,
+                                       **{name: _shard(e, rank) for name, e in evidence.items()})
+            for field in ("kept", "part", "order"):
+                assert torch.equal(getattr(sharded, field), _shard(getattr(whole, field), rank)), \
+                    (policy.name, per_head, field)
+            if not per_head:                                                 # one decision per layer
+                assert _same_on_every_rank(sharded.kept)
+
+
+@check
+def per_layer_selection(rank):
+    for b, h, n, budget in [(2, 4, 64, 9), (1, 8, 33, 31)]:
+        _selection_case(rank, b, h, n, budget)
+
+
+def test_selection_over_sharded_heads_equals_one_process(failures):
+    """Per layer (one all-reduce) and per head (none), for every policy shape, padding and ties."""
+    _expect_pass(failures, "per_layer_selection")
+
+
+def _question_match_case(rank, b, h, n, d):
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(b, h, n, d, generator=g)
+    v[:, :, 10:14] = v[:, :, n - 6:n - 2]                                    # the question repeats a passage
+    question_mask = torch.zeros(b, n, dtype=torch.bool)
+    question_mask[:, n - 6:] = True
+    whole = ref.question_match(v, question_mask, threshold=0.3)
+    sharded = ref.question_match(_shard(v, rank), question_mask, threshold=0.3, head_group=dist.group.WORLD)
+    torch.testing.assert_close(sharded, _shard(whole, rank), rtol=1e-5, atol=1e-6)
+    assert _same_on_every_rank(sharded[:, 0])                                # every rank ranks alike
+    alone = ref.question_match(_shard(v, rank), question_mask, threshold=0.3)
+    assert not torch.allclose(alone, sharded)                                # the check can fail
+
+
+@check
+def question_match(rank):
+    for b, h, n, d in [(1, 4, 40, 16), (2, 8, 57, 8)]:
+        _question_match_case(rank, b, h, n, d)
+
+
+def test_question_match_over_sharded_heads_equals_one_process(failures):
+    _expect_pass(failures, "question_match")
+
+
+@check
+def tp_plan_auto(rank):
+    import tp_check
+    sizes = tp_check.Sizes(prompt=96, new_tokens=4, question=8, layers=2, hidden=64, vocab=256)
+    assert tp_check.check(sizes, torch.device("cpu"), fast=False)
+
+
+def test_tp_plan_auto_on_gloo_matches_one_process(failures):
+    """transformers' tp_plan="auto" on CPU: tokens and kept positions equal one process's (float64)."""
+    _expect_pass(failures, "tp_plan_auto")
