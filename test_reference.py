@@ -1,73 +1,48 @@
-"""Tests of cab_reference.py (issue 3): attention against an independent float64 oracle, every eviction
-policy's promises, dense equivalence of generation, true positions after eviction, clear errors.
+"""Tests of cab_reference.py, in the file's reading order: attention against the float64 oracle, the
+policies as objects (knobs, names), exact budgets, every policy's keep promise at the selection level,
+the eviction loop as plain state (and that the transformers adapter is exactly that loop), generation
+through tiny random Llama / Qwen2 models, question spans, and clear errors for bad selection/cache input.
 
-The oracle below is written from the definitions (softmax per query head, a loop over heads, h // G picks
-the KV head), not from the reference's helpers. Tolerances (NOTES_tests.md derives them):
+Randomised equivalence, numerics at the edges, the bad-attention-input table, decode soaks and the GPU
+sizes are in test_robustness.py; shared helpers in testkit.py.
+
+Tolerances against the oracle (attention in float32, inputs converted exactly):
   out    |ref - oracle| <= eps(dtype) * |oracle| + 1e-5    (rounding to the output dtype is <= eps/2
          relative; the float32 computation adds < 1e-5 absolute at these sizes, measured <= 2e-6)
-  scores |ref - oracle| <= 1e-5 + 1e-5 * |oracle|          (float32 whatever the input dtype: the inputs
-         are converted exactly; each probability carries a few float32 ulps, summed over Nq * G terms)
+  scores |ref - oracle| <= 1e-5 + 1e-5 * |oracle|          (each probability carries a few float32
+         ulps, summed over Nq * G terms)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import warnings
+from fractions import Fraction
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import cab_reference as R
-from cab_reference import BRIDGE_MODES, POLICIES, CabCache, EvictionConfig, attention, select_kept, select_parts
+from cab_reference import CabCache, EvictionConfig, EvictionLoop, attention, select_kept, select_parts
+from testkit import (
+    Spy,
+    examples,
+    forward,
+    generate,
+    left_padding_mask,
+    make_qkv,
+    oracle_attention,
+    policy_cases,
+    prompts,
+    protected,
+    question_mask,
+    random_context,
+    tiny_model,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# ----------------------------------------------------------------------------------------------------
-# The float64 oracle
-
-def oracle_attention(q, k, v, scale=None, causal=True, key_mask=None):
-    """softmax(q k^T * scale) v and per-key column sums, in float64, one query head at a time."""
-    b, hq, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    group = hq // hkv
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    q64, k64, v64 = q.double(), k.double(), v.double()
-    allowed = torch.ones(b, nq, nk, dtype=torch.bool)
-    if causal:
-        for i in range(nq):                                  # query i is token i + nk - nq of the sequence
-            allowed[:, i, i + nk - nq + 1:] = False
-    if key_mask is not None:
-        allowed &= key_mask.cpu()[:, None, :]
-    out = torch.zeros(b, hq, nq, d, dtype=torch.float64)
-    scores = torch.zeros(b, hkv, nk, dtype=torch.float64)
-    for h in range(hq):
-        kv = h // group
-        logits = (q64[:, h] @ k64[:, kv].transpose(-1, -2)) * scale          # (B, Nq, Nk)
-        logits = logits.masked_fill(~allowed, -math.inf)
-        row_max = logits.max(dim=-1, keepdim=True).values
-        row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
-        e = torch.exp(logits - row_max) * allowed
-        total = e.sum(dim=-1, keepdim=True)
-        p = e / torch.where(total > 0, total, torch.ones_like(total))
-        out[:, h] = p @ v64[:, kv]
-        scores[:, kv] += p.sum(dim=1)
-    return out, scores
-
-
-def left_padding_mask(b, nk, pads):
-    mask = torch.ones(b, nk, dtype=torch.bool)
-    for row, pad in enumerate(pads):
-        mask[row, :pad] = False
-    return mask
-
-
-def make_qkv(b, hq, hkv, nq, nk, d, dtype, seed, magnitude=1.0):
-    g = torch.Generator().manual_seed(seed)
-    q = (torch.randn(b, hq, nq, d, generator=g) * magnitude).to(dtype)
-    k = (torch.randn(b, hkv, nk, d, generator=g) * magnitude).to(dtype)
-    v = torch.randn(b, hkv, nk, d, generator=g).to(dtype)
-    return q, k, v
 
 
 def check_against_oracle(q, k, v, *, causal, key_mask=None, scale=None):
@@ -78,8 +53,6 @@ def check_against_oracle(q, k, v, *, causal, key_mask=None, scale=None):
     eps = torch.finfo(q.dtype).eps
     err_out = (out.double() - ref_out).abs()
     err_scores = (scores.double() - ref_scores).abs()
-    print(f"out err max {err_out.max():.3g} mean {err_out.mean():.3g}; "
-          f"scores err max {err_scores.max():.3g} mean {err_scores.mean():.3g}")
     bad_out = err_out > eps * ref_out.abs() + 1e-5
     bad_scores = err_scores > 1e-5 + 1e-5 * ref_scores.abs()
     assert not bad_out.any(), f"out: {int(bad_out.sum())} elements off, max err {err_out.max():.3g}"
@@ -151,69 +124,147 @@ def test_prefill_scores_sum_to_queries_times_group(n, hq, hkv):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Every policy: budget, protected tokens, sorted unique indices, determinism, ties, padding
+# 2. Policies as objects: knobs, names, EvictionConfig
 
-def policy_configs():
-    configs = []
-    for policy in POLICIES:
-        for bridge in (BRIDGE_MODES if policy in ("cab", "dynamic_local") else ("median",)):
-            for per_head in (True, False):
-                configs.append(pytest.param(policy, bridge, per_head,
-                                            id=f"{policy}-{bridge}-{'head' if per_head else 'layer'}"))
-    return configs
-
-
-def make_context(policy, bridge, scores, *, question_at_end=True, fill=None, generator=None):
-    """The evidence each policy ranks by: random (or the constant `fill`), shaped like scores."""
-    b, h, n = scores.shape
-
-    def evidence(low=0.0, high=1.0):
-        if fill is not None:
-            return torch.full((b, h, n), float(fill))
-        return low + (high - low) * torch.rand(b, h, n, generator=generator)
-
-    context = {}
-    if policy == "snapkv":
-        context["window_scores"] = evidence(0, 16)
-    if policy == "bidirectional":
-        context["bidirectional_scores"] = evidence(0, n)
-    if policy in ("question_aware", "hybrid_semantic"):
-        context["question_similarity"] = evidence(-1, 1)
-    if policy == "delayed":
-        context["decode_scores"] = evidence(0, 4)
-    if policy == "match_span":
-        context["question_match"] = evidence(0, 1)
-    if policy in ("cab", "dynamic_local") and bridge == "connectivity":
-        context["connectivity"] = evidence(0, n).floor() if fill is None else evidence()
-    if policy in ("cab", "dynamic_local") and bridge == "curvature":
-        context["curvature"] = evidence(-20, 4)
-    if policy == "dynamic_local":
-        qm = torch.zeros(b, n, dtype=torch.bool)
-        if question_at_end:
-            qm[:, n - 5:n - 1] = True
-        else:
-            qm[:, 2:6] = True
-        context["question_mask"] = qm
-    return context
+def bad_knob_values(default):
+    """Values a knob with this default must reject: wrong types (bool is not a number) and NaN / -1."""
+    if isinstance(default, str):
+        return ["nonsense", 3]
+    if isinstance(default, int):
+        return [-1, True, 1.5]
+    return [math.nan, True, "0.5"]
 
 
-def protected(policy, config, k, question_at_end=True):
-    """(sinks, recent): how many of the first / last tokens the policy promises to keep at budget k."""
-    if policy == "none":
-        return 0, k
-    if policy == "streaming":
-        sinks = min(config.sink, k)
-        return sinks, k - sinks
-    if policy == "match_span":
-        sinks = min(config.span_sinks, k)          # match_span has its own sink count (default 1)
-        return sinks, min(k - sinks, max(1, int(k * config.recent_ratio)))
-    if policy == "cab":
-        return 0, int(k * config.local_ratio)
-    if policy == "dynamic_local":
-        return 0, int(k * (config.qa_local_ratio if question_at_end else config.local_ratio))
-    if policy == "snapkv":
-        return 0, min(config.window, k // 2)
-    return 0, min(k, max(1, int(k * config.recent_ratio)))          # h2o and the heavy-hitter variants
+@pytest.mark.parametrize("name", list(R.POLICY_TYPES))
+def test_every_knob_rejects_bad_values_naming_the_knob(name):
+    for field in dataclasses.fields(R.POLICY_TYPES[name]):
+        for bad in bad_knob_values(field.default):
+            with pytest.raises(ValueError, match=f"^{field.name}"):
+                R.make_policy(name, **{field.name: bad})
+
+
+@pytest.mark.parametrize("policy,knobs,word", [
+    ("snapkv", {"pool": 4}, "pool"), ("snapkv", {"window": 0}, "window"),
+    ("h2o", {"recent_ratio": 1.5}, "recent_ratio"), ("streaming", {"sinks": -1}, "sinks"),
+    ("cab", {"recent_ratio": 0.8, "bridge_ratio": 0.3}, r"recent_ratio \+ bridge_ratio"),
+    ("cab", {"bridge": "pagerank"}, "connectivity"),        # the message lists the known modes
+    ("dynamic_local", {"qa_recent_ratio": 1.01}, "qa_recent_ratio"), ("dynamic_local", {"qa_tail": 0}, "qa_tail"),
+    ("dynamic_local", {"recent_ratio": 0.9, "bridge_ratio": 0.2}, "bridge_ratio"),   # CAB's check, inherited
+    ("match_span", {"threshold": 1.0}, "threshold"), ("match_span", {"threshold": -1.5}, "threshold"),
+    ("match_span", {"window": 8}, "odd"), ("match_span", {"radius": -1}, "radius"),
+    ("match_span", {"layers": 0}, "layers"), ("question_aware", {"alpha": math.inf}, "alpha"),
+])
+def test_knob_constraints(policy, knobs, word):
+    with pytest.raises(ValueError, match=word):
+        R.make_policy(policy, **knobs)
+    with pytest.raises(ValueError, match=word):       # the class itself checks, not only make_policy
+        R.POLICY_TYPES[policy](**knobs)
+
+
+def test_make_policy_errors_name_the_policy_and_its_knobs():
+    with pytest.raises(ValueError) as info:
+        R.make_policy("lru")
+    assert "lru" in str(info.value) and all(name in str(info.value) for name in R.POLICIES)
+    with pytest.raises(TypeError, match="policy 'h2o' has no knob windw; its knobs: recent_ratio"):
+        R.make_policy("h2o", windw=3)
+    with pytest.raises(TypeError, match="'none' has no knob sinks; its knobs: none"):
+        R.make_policy("none", sinks=2)
+
+
+def test_names_and_objects_are_interchangeable():
+    assert R.POLICIES == tuple(R.POLICY_TYPES) and len(set(R.POLICIES)) == len(R.POLICIES)
+    for name, cls in R.POLICY_TYPES.items():
+        assert cls.name == name and cls.__doc__, f"{cls.__name__}: name or docstring missing"
+        config = EvictionConfig(policy=name)
+        assert config.policy == cls() and type(config.policy) is cls      # a name becomes the default object
+    config = EvictionConfig(policy=R.SnapKV(window=32))
+    assert config.policy.window == 32 and config.policy.pool == R.SnapKV().pool
+    assert R.make_policy("snapkv", window=32) == config.policy and hash(config.policy) == hash(R.SnapKV(window=32))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.policy.window = 8
+    assert isinstance(EvictionConfig().policy, R.MatchSpan)          # the default keeps answers given a question
+
+
+@pytest.mark.parametrize("policy", [R.H2O, 3, None, {"name": "h2o"}], ids=["class", "int", "None", "dict"])
+def test_eviction_config_rejects_what_is_not_a_policy(policy):
+    with pytest.raises(TypeError, match="policy"):
+        EvictionConfig(policy=policy)
+
+
+def test_register_policy_adds_one_place(monkeypatch):
+    monkeypatch.setattr(R, "POLICY_TYPES", dict(R.POLICY_TYPES))
+    monkeypatch.setattr(R, "POLICIES", R.POLICIES)
+
+    @R.register_policy
+    @dataclasses.dataclass(frozen=True)
+    class Oldest(R.Policy):
+        """Keeps the first tokens."""
+        name = "tst_oldest"
+
+        def parts(self, scores, k, context):
+            return [R.Part("oldest", k, -R.recency(scores))]
+
+    assert R.POLICIES[-1] == "tst_oldest" and R.make_policy("tst_oldest") == Oldest()
+    kept = select_kept(torch.rand(1, 2, 10), EvictionConfig(policy="tst_oldest", budget=3))
+    assert kept.tolist() == [[[0, 1, 2], [0, 1, 2]]]
+    for bad in (int, R.Policy, "h2o"):         # not a subclass; the base class has no name
+        with pytest.raises(TypeError, match="register_policy"):
+            R.register_policy(bad)
+
+
+@pytest.mark.parametrize("kwargs,word", [
+    ({"sparsity": 1.0}, "sparsity"), ({"sparsity": -1e-9}, "sparsity"), ({"sparsity": math.nan}, "sparsity"),
+    ({"sparsity": "0.9"}, "sparsity"), ({"sparsity": True}, "sparsity"),
+    ({"budget": 0}, "budget"), ({"budget": -3}, "budget"), ({"budget": 2.5}, "budget"), ({"budget": True}, "budget"),
+    ({"per_head": "maybe"}, "per_head"), ({"per_head": 1}, "per_head"),
+])
+def test_config_bad_values(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        EvictionConfig(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Budgets in exact arithmetic
+
+@pytest.mark.parametrize("sparsity,n,k", [
+    (0.9, 50, 5), (0.9, 100, 10), (0.8, 10, 2), (0.7, 10, 3), (0.9, 30, 3), (0.99, 100, 1), (0.95, 1, 1),
+    (0.9, 9, 1), (0.0, 17, 17), (0.5, 7, 3), (0.999, 1000, 1), (0.1, 10, 9),
+])
+def test_budget_is_exact(sparsity, n, k):
+    """floor((1 - 0.9) * 50) in floats is floor(4.999999999999999) = 4; the budget must be 5."""
+    assert EvictionConfig(sparsity=sparsity).budget_for(n) == k
+
+
+@examples(300)
+@given(n=st.integers(1, 10 ** 6), digits=st.integers(1, 6), data=st.data())
+def test_budget_property_decimal_sparsity(n, digits, data):
+    """For s = m / 10^d written as a float: K = max(1, floor((1 - s) N)) computed in integers, capped at N."""
+    m = data.draw(st.integers(0, 10 ** digits - 1))
+    s = m / 10 ** digits
+    expected = min(n, max(1, n * (10 ** digits - m) // 10 ** digits))
+    assert EvictionConfig(policy="h2o", sparsity=s).budget_for(n) == expected
+
+
+@examples(300)
+@given(n=st.integers(1, 10 ** 6), s=st.floats(0.0, 1.0, exclude_max=True), budget=st.none() | st.integers(1, 100))
+def test_budget_property_any_sparsity(n, s, budget):
+    """K = max(1, floor((1 - Fraction(str(s))) N)) capped at N, or min(budget, N); 1 <= K <= N; K grows with N;
+    the cache holds to the budget itself (room to grow into), and Dense keeps everything."""
+    config = EvictionConfig(policy="h2o", sparsity=s, budget=budget)
+    k = config.budget_for(n)
+    want = min(budget, n) if budget is not None else min(n, max(1, math.floor((1 - Fraction(str(s))) * n)))
+    assert k == want and 1 <= k <= n and config.budget_for(n + 1) >= k
+    assert config.cache_budget(n) == (budget if budget is not None else k)
+    dense = EvictionConfig(policy="none", sparsity=s, budget=budget)
+    assert dense.budget_for(n) == n and dense.cache_budget(n) == math.inf
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Every policy at the selection level: budget, protected tokens, sorted unique indices,
+#    determinism, ties, padding. The keep-promise arithmetic is testkit.protected (one entry per policy).
+
+POLICY_CASES = policy_cases(streaming={"sinks": 4}, snapkv={"window": 8})
+PER_HEAD = pytest.mark.parametrize("per_head", [True, False], ids=["head", "layer"])
 
 
 def check_selection(kept, n, k):
@@ -223,45 +274,44 @@ def check_selection(kept, n, k):
         assert bool((kept[..., 1:] > kept[..., :-1]).all()), "indices must be sorted ascending and unique"
 
 
-@pytest.mark.parametrize("policy,bridge,per_head", policy_configs())
-def test_policy_promises(policy, bridge, per_head):
+@PER_HEAD
+@pytest.mark.parametrize("policy", POLICY_CASES)
+def test_policy_promises(policy, per_head):
     g = torch.Generator().manual_seed(11)
     b, h, n = 2, 3, 60
     scores = torch.rand(b, h, n, generator=g) * 10
     for budget, sparsity in [(20, 0.9), (1, 0.9), (3, 0.9), (59, 0.9), (60, 0.9), (500, 0.9), (None, 0.75)]:
-        config = EvictionConfig(policy=policy, bridge=bridge, per_head=per_head, budget=budget,
-                                sparsity=sparsity, window=8, sink=4)
-        context = make_context(policy, bridge, scores, generator=g)
+        config = EvictionConfig(policy=policy, per_head=per_head, budget=budget, sparsity=sparsity)
+        context = random_context(policy, scores, generator=g)
         kept = select_kept(scores, config, **context)
-        # budget honoured: K = budget, floor((1 - s) N) without one, everything when it fits or policy none
-        k = n if policy == "none" else min(n, budget if budget is not None else max(1, math.floor(0.25 * n)))
+        k = config.budget_for(n)
         check_selection(kept, n, k)
         assert tuple(kept.shape) == (b, h, k)
-        # the protected tokens are there
-        sinks, recent = protected(policy, config, k)
-        kept_sets = [set(row.tolist()) for row in kept.reshape(-1, k)]
-        for s in kept_sets:
-            assert set(range(sinks)) <= s, f"sinks {list(range(sinks))} not all kept: {sorted(s)}"
-            assert set(range(n - recent, n)) <= s, f"recent {recent} tokens not all kept: {sorted(s)}"
-        # deterministic, and select_parts agrees with select_kept
+        sinks, recent = protected(policy, k) if k < n else (0, n)
+        for row in kept.reshape(-1, k).tolist():
+            assert set(range(sinks)) <= set(row), f"sinks {list(range(sinks))} not all kept: {row}"
+            assert set(range(n - recent, n)) <= set(row), f"recent {recent} tokens not all kept: {row}"
         again = select_parts(scores.clone(), config, **{name: t.clone() for name, t in context.items()})
-        assert torch.equal(again.kept, kept)
-        assert again.order.shape == (b, h, n) and torch.equal(again.order.sort(-1).values,
-                                                              torch.arange(n).expand(b, h, n))
+        assert torch.equal(again.kept, kept), "selection not deterministic, or select_parts disagrees"
+        assert torch.equal(again.order.sort(-1).values, torch.arange(n).expand(b, h, n)), "order: a permutation"
+        assert torch.equal(again.order[..., :k].sort(-1).values, kept), "order starts with the kept tokens"
         if not per_head:
             assert torch.equal(kept, kept[:, :1].expand_as(kept)), "per_head=False: one choice per layer"
 
 
-@pytest.mark.parametrize("policy,bridge,per_head", policy_configs())
-def test_policy_ties_break_toward_recent(policy, bridge, per_head):
+TIE_CASES = policy_cases(streaming={"sinks": 3}, snapkv={"window": 4}, match_span={"sinks": 3})
+
+
+@PER_HEAD
+@pytest.mark.parametrize("policy", TIE_CASES)
+def test_policy_ties_break_toward_recent(policy, per_head):
     b, h, n, budget = 1, 2, 30, 10
     scores = torch.full((b, h, n), 2.0)
-    config = EvictionConfig(policy=policy, bridge=bridge, per_head=per_head, budget=budget, sink=3, window=4,
-                            span_sinks=3)
-    kept = select_kept(scores, config, **make_context(policy, bridge, scores, fill=0.5))
-    if policy == "none":
+    config = EvictionConfig(policy=policy, per_head=per_head, budget=budget)
+    kept = select_kept(scores, config, **random_context(policy, scores, fill=0.5))
+    if isinstance(policy, R.Dense):
         expected = list(range(n))
-    elif policy in ("streaming", "match_span"):      # sinks first, then every tie goes to recent
+    elif isinstance(policy, (R.StreamingLLM, R.MatchSpan)):      # sinks first, then every tie goes to recent
         expected = [0, 1, 2] + list(range(n - 7, n))
     else:                  # every score and every evidence equal: the most recent tokens win every tie
         expected = list(range(n - budget, n))
@@ -271,26 +321,27 @@ def test_policy_ties_break_toward_recent(policy, bridge, per_head):
 def test_h2o_tie_for_the_last_slot_goes_to_the_later_token():
     scores = torch.zeros(1, 1, 12)
     scores[0, 0, [2, 5, 8]] = 3.0          # three equal heavy hitters for two heavy slots
-    config = EvictionConfig(policy="h2o", budget=3, recent_ratio=0.2)   # 1 recent + 2 heavy
+    config = EvictionConfig(policy=R.H2O(recent_ratio=0.2), budget=3)   # 1 recent + 2 heavy
     assert select_kept(scores, config).tolist() == [[[5, 8, 11]]]
 
 
-@pytest.mark.parametrize("policy,bridge,per_head", policy_configs())
-def test_policy_never_keeps_padding_while_evicting_real_tokens(policy, bridge, per_head):
+@PER_HEAD
+@pytest.mark.parametrize("policy", policy_cases(streaming={"sinks": 2}, snapkv={"window": 4}, match_span={"sinks": 2}))
+def test_policy_never_keeps_padding_while_evicting_real_tokens(policy, per_head):
     g = torch.Generator().manual_seed(5)
     b, h, n = 3, 2, 40
     pads = [0, 12, 35]                              # row 2: 5 real tokens, fewer than the budget
     key_mask = left_padding_mask(b, n, pads)
+    padding = ~key_mask[:, None, :].expand(b, h, n)
     scores = torch.rand(b, h, n, generator=g)
-    scores[~key_mask[:, None, :].expand(b, h, n)] = 1e6       # adversarial: padding looks heaviest
-    context = make_context(policy, bridge, scores, generator=g)
+    scores[padding] = 1e6                           # adversarial: padding looks heaviest
+    context = random_context(policy, scores, generator=g)
     for name, t in context.items():
         if t.dtype != torch.bool:
-            t[~key_mask[:, None, :].expand(b, h, n)] = 1e6 if name != "curvature" else -1e6
-    config = EvictionConfig(policy=policy, bridge=bridge, per_head=per_head, budget=10, sink=2, window=4,
-                            span_sinks=2)
-    kept = select_kept(scores, config, key_mask=key_mask, **context)
-    k = n if policy == "none" else 10
+            t[padding] = 1e6 if name != "curvature" else -1e6
+    kept = select_kept(scores, EvictionConfig(policy=policy, per_head=per_head, budget=10), key_mask=key_mask,
+                       **context)
+    k = n if isinstance(policy, R.Dense) else 10
     check_selection(kept, n, k)
     for row, pad in enumerate(pads):
         real = n - pad
@@ -300,77 +351,197 @@ def test_policy_never_keeps_padding_while_evicting_real_tokens(policy, bridge, p
                 assert all(i >= pad for i in chosen), f"row {row} head {head}: padding kept {sorted(chosen)}"
             else:
                 assert set(range(pad, n)) <= chosen, f"row {row}: real tokens evicted while padding kept"
-        if policy in ("streaming", "match_span") and real >= k:     # the sinks are the first *real* tokens
+        if isinstance(policy, (R.StreamingLLM, R.MatchSpan)) and real >= k:   # sinks: the first *real* tokens
             assert {pad, pad + 1} <= set(kept[row, 0].tolist())
 
 
-def test_dynamic_local_raises_local_ratio_only_for_a_question_at_the_end():
-    scores = torch.rand(1, 1, 100, generator=torch.Generator().manual_seed(0))
-    config = EvictionConfig(policy="dynamic_local", budget=20, qa_local_ratio=0.9)
-    at_end = select_parts(scores, config, **make_context("dynamic_local", "median", scores, question_at_end=True))
-    early = select_parts(scores, config, **make_context("dynamic_local", "median", scores, question_at_end=False))
-    assert set(range(82, 100)) <= set(at_end.kept[0, 0].tolist())           # int(20 * 0.9) = 18 recent
-    assert int((early.part == early.names.index("local")).sum()) == int(20 * config.local_ratio)
+@PER_HEAD
+def test_dynamic_local_splits_per_batch_row(per_head):
+    """One batch row with the question at the end keeps qa_recent_ratio of K as local tokens, the other
+    CAB's recent_ratio; each row's choice is what that row alone would get."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(2, 2, 100, generator=g)
+    policy = R.DynamicLocal(qa_recent_ratio=0.9, qa_tail=8)
+    config = EvictionConfig(policy=policy, budget=20, per_head=per_head)
+    qm = torch.cat([question_mask(1, 100, at_end=True), question_mask(1, 100, at_end=False)])
+    both = select_parts(scores, config, question_mask=qm)
+    local = both.names.index("local")
+    assert set(range(82, 100)) <= set(both.kept[0, 0].tolist())          # int(20 * 0.9) = 18 recent
+    assert int((both.part[0, 0] == local).sum()) == 18
+    assert int((both.part[1, 0] == local).sum()) == int(20 * policy.recent_ratio)
+    for row in range(2):
+        alone = select_parts(scores[row:row + 1], config, question_mask=qm[row:row + 1])
+        for field in ("kept", "part", "order"):
+            assert torch.equal(getattr(both, field)[row], getattr(alone, field)[0]), f"row {row}: {field}"
+    without = select_parts(scores, config)                              # no question: plain CAB
+    assert torch.equal(without.kept, select_kept(scores, EvictionConfig(policy=R.CAB(), budget=20,
+                                                                        per_head=per_head)))
+
+
+def test_match_span_without_a_question_is_h2o_with_sinks():
+    scores = torch.rand(1, 1, 50, generator=torch.Generator().manual_seed(1))
+    selection = select_parts(scores, EvictionConfig(policy=R.MatchSpan(sinks=2, recent_ratio=0.2), budget=10))
+    assert selection.names == ["sink", "recent", "heavy"]
+    heavy = sorted((scores[0, 0, 2:48].topk(6).indices + 2).tolist())  # 10 - 2 sinks - 2 recent
+    assert selection.kept[0, 0].tolist() == [0, 1] + heavy + [48, 49]
 
 
 def test_policies_run_from_real_prompt_evidence():
-    """prompt_evidence + select_kept on real q, k, v for every policy needing evidence."""
+    """prompt_evidence (each policy's evidence()) + select_kept on real q, k, v, for every policy."""
     q, k, v = make_qkv(1, 4, 2, 24, 24, 16, torch.float32, seed=9)
     qm = R.question_mask_from_spans((18, 22), 1, 24)
     _, scores = attention(q, k, v)
-    for policy in POLICIES:
-        for bridge in BRIDGE_MODES:
-            config = EvictionConfig(policy=policy, bridge=bridge, budget=8, window=4)
-            context = R.prompt_evidence(q, k, v, config, question_mask=qm)
-            if policy == "delayed":
-                context["decode_scores"] = scores
-            if policy == "dynamic_local":
-                context["question_mask"] = qm
-            kept = select_kept(scores, config, **context)
-            check_selection(kept, 24, 24 if policy == "none" else 8)
+    for param in policy_cases(snapkv={"window": 4}):
+        config = EvictionConfig(policy=param.values[0], budget=8)
+        context = R.prompt_evidence(q, k, v, config, question_mask=qm)
+        kept = select_kept(scores, config, question_mask=qm, **context)
+        check_selection(kept, 24, 24 if isinstance(config.policy, R.Dense) else 8)
+
+
+@pytest.mark.parametrize("name", [n for n, cls in R.POLICY_TYPES.items() if cls.needs_question])
+def test_question_policies_need_the_question(name):
+    q, k, v = make_qkv(1, 2, 1, 8, 8, 8, seed=0)
+    config = EvictionConfig(policy=name, budget=4)
+    with pytest.raises(ValueError, match="question_span"):
+        R.prompt_evidence(q, k, v, config)
+    with pytest.raises(ValueError, match="question_similarity"):      # evidence missing at selection
+        select_kept(torch.rand(1, 1, 8), config)
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. Generation: dense equivalence on tiny random Llama / Qwen2, true positions, budget during decode
+# 5. The eviction loop as plain state, and the transformers adapter as that loop
 
-def tiny_model(family, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-    cls_config, cls_model = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (Qwen2Config,
-                                                                                       Qwen2ForCausalLM)
-    config = cls_config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = cls_model(config).eval()
-    with torch.no_grad():                      # sharper attention than a random init's near-uniform one
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
-            layer.self_attn.k_proj.weight.mul_(4.0)
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None          # never stop early: compare every step
-    return model
+class RecordingCache(CabCache):
+    """A CabCache that records the new keys and values of every update (layer, k, v)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.updates = []
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.updates.append((layer_idx, key_states.clone(), value_states.clone()))
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
-def prompts(batch, n=20, seed=1):
+LOOP_CASES = [
+    pytest.param(EvictionConfig(policy="h2o", budget=10), {}, id="h2o"),
+    pytest.param(EvictionConfig(policy=R.SnapKV(window=4), sparsity=0.6), {"evict_every": 3}, id="snapkv-every3"),
+    pytest.param(EvictionConfig(policy=R.CAB(bridge="curvature"), budget=12, per_head=False), {},
+                 id="cab-curvature-layer"),
+    pytest.param(EvictionConfig(policy="delayed", budget=10), {}, id="delayed"),
+    pytest.param(EvictionConfig(policy=R.MatchSpan(layers=2, radius=2, window=3), budget=10),
+                 {"question_span": (14, 18)}, id="match_span-2layers"),
+]
+
+
+@pytest.mark.parametrize("config,cache_kwargs", LOOP_CASES)
+def test_forward_layer_is_what_cabcache_does_in_a_model(config, cache_kwargs):
+    """generate() through CabCache on a left-padded batch, then the same q, k, v replayed through
+    EvictionLoop.forward_layer with no transformers in between: identical outputs every call and
+    identical state (keys, values, scores, positions, validity, evidence) in every layer at the end."""
+    model, spy = tiny_model("llama"), Spy()
+    ids, mask = prompts(2, n=20)
+    cache = RecordingCache(config, **cache_kwargs)
+    generate(model, spy.name, ids, mask, cache, steps=6)
+    assert len(cache.updates) == len(spy.calls) == 2 * 6
+    loop = EvictionLoop(config, **cache_kwargs)
+    for (layer, k, v), call in zip(cache.updates, spy.calls):
+        assert call["layer"] == layer
+        valid = mask.bool() if k.shape[2] > 1 else None             # the prompt's padding, then real tokens
+        out = loop.forward_layer(layer, call["query"], k, v, scale=call["scaling"], valid=valid)
+        assert torch.equal(out.transpose(1, 2), call["out"]), f"layer {layer}: outputs differ"
+    for mine, theirs in zip(loop.layers, cache.layers, strict=True):
+        for name in ("keys", "values", "scores", "positions", "valid"):
+            assert torch.equal(getattr(mine, name), getattr(theirs, name)), name
+        assert mine.seen == theirs.seen and mine.budget == theirs.budget
+        assert mine.evidence.keys() == theirs.evidence.keys()
+        assert all(torch.equal(mine.evidence[e], theirs.evidence[e]) for e in mine.evidence)
+
+
+def loop_inputs(steps, *, seed=0, prompt=24, layers=2):
+    """Random (q, k, v) per step and layer (b=1, Hq=4, Hkv=2, D=16): a prompt, then `steps` decode tokens."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 96, (batch, n), generator=g)
-    mask = torch.ones(batch, n, dtype=torch.long)
-    if batch == 2:                              # left padding: row 1 is 6 tokens shorter
-        ids[1, :6] = 0
-        mask[1, :6] = 0
-    return ids, mask
+    return [[tuple(torch.randn(1, h, prompt if step == 0 else 1, 16, generator=g) for h in (4, 2, 2))
+             for _ in range(layers)] for step in range(steps + 1)]
 
 
-def generate(model, impl, ids, mask, cache=None, steps=12):
-    model.set_attn_implementation(impl)
-    kwargs = {} if cache is None else {"past_key_values": cache}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")        # past_key_values is renamed `cache` in transformers 5.24
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
-                             output_scores=True, return_dict_in_generate=True, **kwargs)
-    return out.sequences, torch.stack(out.scores, dim=1)
+def feed(loop, inputs, fail_layer=None):
+    """Run the steps in `inputs` through loop.forward_layer; layer `fail_layer` of the first step raises."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure")
 
+    for i, step in enumerate(inputs):
+        for layer, (q, k, v) in enumerate(step):
+            fn = broken if (i, layer) == (0, fail_layer) else attention
+            loop.forward_layer(layer, q, k, v, scale=0.25, attention_fn=fn)
+
+
+def state(loop):
+    """Everything a forward may change, by reference (state is replaced, never written in place)."""
+    return ([(layer.seen, layer.budget, layer.keys, layer.values, layer.scores, layer.positions, layer.valid,
+              dict(layer.evidence)) for layer in loop.layers], dict(loop._pooled))
+
+
+def assert_same_state(a, b):
+    (layers_a, pooled_a), (layers_b, pooled_b) = a, b
+    assert len(layers_a) == len(layers_b) and pooled_a.keys() == pooled_b.keys()
+    for la, lb in zip(layers_a, layers_b):
+        assert la[:2] == lb[:2]
+        assert all(torch.equal(ta, tb) for ta, tb in zip(la[2:7], lb[2:7]))
+        assert la[7].keys() == lb[7].keys() and all(torch.equal(la[7][e], lb[7][e]) for e in la[7])
+    for name in pooled_a:
+        assert pooled_a[name][1] == pooled_b[name][1] and torch.equal(pooled_a[name][0], pooled_b[name][0])
+
+
+@pytest.mark.parametrize("step,layer", [(0, 1), (3, 0), (3, 1)],
+                         ids=["prompt-layer1", "decode-layer0", "decode-layer1"])
+@pytest.mark.parametrize("config", [EvictionConfig(policy="h2o", budget=10),
+                                    EvictionConfig(policy=R.MatchSpan(layers=2), budget=10),
+                                    EvictionConfig(policy="delayed", budget=10)], ids=["h2o", "match_span", "delayed"])
+def test_a_failing_forward_rolls_back_every_layer(config, step, layer):
+    """A forward that raises in any layer leaves the loop (every layer, and the evidence pooled across
+    layers) as before that forward; retrying it and going on gives what an uninterrupted run gives."""
+    inputs = loop_inputs(6)
+    clean, broken = EvictionLoop(config, question_span=(18, 22)), EvictionLoop(config, question_span=(18, 22))
+    feed(clean, inputs)
+    feed(broken, inputs[:step])
+    before = state(broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        feed(broken, inputs[step:step + 1], fail_layer=layer)
+    assert_same_state(state(broken), before)
+    feed(broken, inputs[step:])
+    assert_same_state(state(broken), state(clean))
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_evict_every_lets_the_cache_overshoot_then_cuts_back(every):
+    """evict_every=E: after the prompt cut the cache grows to budget + E - 1, then one cut brings it back
+    to the budget; the kept positions stay true (strictly increasing, the newest token last). Through a
+    model, with CabCache's argument."""
+    model = tiny_model("llama")
+    model.set_attn_implementation("cab_reference")
+    ids, mask = prompts(1, n=40)
+    cache = CabCache(EvictionConfig(policy="h2o", sparsity=0.75), evict_every=every)
+    lengths = []
+    tok = forward(model, ids, cache, attention_mask=mask)[:, -1:].argmax(-1)
+    lengths.append(cache.layers[0].keys.shape[-2])
+    for _ in range(9):
+        tok = forward(model, tok, cache)[:, -1:].argmax(-1)
+        lengths.append(cache.layers[0].keys.shape[-2])
+    assert lengths == ([10] * 10 if every == 1 else [10, 11, 12, 13, 10, 11, 12, 13, 10, 11])
+    positions = cache.kept_positions()[0]
+    assert bool((positions.diff(dim=-1) > 0).all()) and int(positions[..., -1].max()) == 40 + 9 - 1
+
+
+@pytest.mark.parametrize("every", [0, -1, True, 1.5, None])
+def test_evict_every_must_be_a_positive_integer(every):
+    for make in (CabCache, EvictionLoop):
+        with pytest.raises(ValueError, match="evict_every"):
+            make(EvictionConfig(policy="h2o"), evict_every=every)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Generation through tiny random Llama / Qwen2: dense equivalence, true positions, budgets
 
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -381,30 +552,8 @@ def test_generation_dense_equivalent_to_sdpa(family, batch):
     for config in (EvictionConfig(policy="none"), EvictionConfig(policy="h2o", budget=ids.shape[1] + 12),
                    EvictionConfig(policy="cab", budget=10_000)):
         tokens, logits = generate(model, "cab_reference", ids, mask, CabCache(config))
-        print(config.policy, "max |logit diff|", float((logits - dense_logits).abs().max()))
         assert tokens.tolist() == dense.tolist(), f"{config.policy}: tokens differ from sdpa"
         torch.testing.assert_close(logits, dense_logits, rtol=1e-4, atol=1e-4)
-
-
-class Spy:
-    """An attention implementation that runs cab_reference's and records what each layer-0 call saw."""
-
-    name = "tst_spy_reference"
-
-    def __init__(self):
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-        inner = R.make_attention_interface(attention)
-        self.calls = []
-
-        def spy(module, query, key, value, attention_mask, **kwargs):
-            if module.layer_idx == 0:
-                self.calls.append({"query": query.detach().clone(), "key": key.detach().clone(),
-                                   "position_ids": kwargs.get("position_ids")})
-            return inner(module, query, key, value, attention_mask, **kwargs)
-
-        AttentionInterface.register(self.name, spy)
-        AttentionMaskInterface.register(self.name, sdpa_mask)
 
 
 def full_sequence_layer0(model, spy, ids, mask=None, position_ids=None):
@@ -413,7 +562,7 @@ def full_sequence_layer0(model, spy, ids, mask=None, position_ids=None):
     model.set_attn_implementation(spy.name)
     with torch.no_grad():
         model(ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
-    call = spy.calls[0]
+    call = spy.layer_calls(0)[0]
     return call["query"], call["key"]                      # (B, Hq, N, D), (B, Hkv, N, D)
 
 
@@ -429,22 +578,20 @@ def test_true_positions_after_eviction_manual_decode(family, policy):
     g = torch.Generator().manual_seed(4)
     seq = torch.randint(3, 96, (1, n_prompt + steps), generator=g)
     full_q, full_k = full_sequence_layer0(model, spy, seq)
-    cache = CabCache(EvictionConfig(policy=policy, budget=budget, sink=2))
+    knobs = {"sinks": 2} if policy == "streaming" else {}
+    cache = CabCache(EvictionConfig(policy=R.make_policy(policy, **knobs), budget=budget))
     spy.calls.clear()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")        # past_key_values is renamed `cache` in transformers 5.24
-        model(seq[:, :n_prompt], past_key_values=cache)
-        for t in range(n_prompt, n_prompt + steps):
-            model(seq[:, t:t + 1], past_key_values=cache)
-            assert cache.get_seq_length() == t + 1
-            for layer in cache.layers:
-                assert layer.keys.shape[-2] == budget, "cache must stay at the budget during decode"
-            pos = cache.kept_positions()[0]                                    # (1, Hkv, budget)
-            assert bool((pos[..., 1:] > pos[..., :-1]).all()) and int(pos[..., -1].min()) == t
-            stored = cache.layers[0].keys
-            expected = full_k.gather(2, pos[..., None].expand(-1, -1, -1, stored.shape[-1]))
-            torch.testing.assert_close(stored, expected, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(spy.calls[-1]["query"], full_q[:, :, t:t + 1], rtol=1e-5, atol=1e-5)
+    forward(model, seq[:, :n_prompt], cache)
+    for t in range(n_prompt, n_prompt + steps):
+        forward(model, seq[:, t:t + 1], cache)
+        assert cache.get_seq_length() == t + 1
+        assert all(layer.keys.shape[-2] == budget for layer in cache.layers), "cache must stay at the budget"
+        pos = cache.kept_positions()[0]                                    # (1, Hkv, budget)
+        assert bool((pos[..., 1:] > pos[..., :-1]).all()) and int(pos[..., -1].min()) == t
+        stored = cache.layers[0].keys
+        expected = full_k.gather(2, pos[..., None].expand(-1, -1, -1, stored.shape[-1]))
+        torch.testing.assert_close(stored, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(spy.layer_calls(0)[-1]["query"], full_q[:, :, t:t + 1], rtol=1e-5, atol=1e-5)
     if policy == "streaming":                        # sinks + the most recent tokens, exactly
         assert cache.kept_positions()[0][0, 0].tolist() == [0, 1] + list(range(n_prompt + steps - 6,
                                                                               n_prompt + steps))
@@ -460,12 +607,11 @@ def test_true_positions_after_eviction_generate_left_padded(family):
     cache = CabCache(EvictionConfig(policy="h2o", budget=budget))
     spy.calls.clear()
     seq, _ = generate(model, spy.name, ids, mask, cache, steps=steps)
-    decode_calls = spy.calls[1:]
+    decode_calls = spy.layer_calls(0)[1:]
     assert len(decode_calls) == steps - 1
     pads = (mask == 0).sum(-1)
     for i, call in enumerate(decode_calls):
-        absolute = 24 + i - pads                                                   # per row
-        assert call["position_ids"][:, 0].tolist() == absolute.tolist()
+        assert call["position_ids"][:, 0].tolist() == (24 + i - pads).tolist()     # absolute, per row
     full_mask = torch.cat([mask, torch.ones(2, steps, dtype=mask.dtype)], dim=1)
     position_ids = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 1)
     _, full_k = full_sequence_layer0(model, spy, seq, full_mask, position_ids)
@@ -493,84 +639,71 @@ def test_budget_larger_than_prompt_lets_the_cache_grow_to_the_budget():
     torch.testing.assert_close(logits[:, :7], dense_logits[:, :7], rtol=1e-4, atol=1e-4)
 
 
-def test_evict_every_lets_the_cache_overshoot_then_cuts_back_to_the_budget():
-    """evict_every=E: after the prompt cut the cache grows to budget + E - 1, then one cut brings it back
-    to the budget, and the kept positions stay true (strictly increasing, the newest token last)."""
+def test_record_keeps_each_layers_prompt_selection():
     model = tiny_model("llama")
-    ids, mask = prompts(1, n=40)
-    cache = CabCache(EvictionConfig(policy="h2o", sparsity=0.75, evict_every=4))
-    lengths = []
-    model.set_attn_implementation("cab_reference")
-    with torch.no_grad():
-        tok = model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1:].argmax(-1)
-        lengths.append(cache.layers[0].keys.shape[-2])
-        for _ in range(9):
-            tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
-            lengths.append(cache.layers[0].keys.shape[-2])
-    assert lengths == [10, 11, 12, 13, 10, 11, 12, 13, 10, 11]
-    positions = cache.kept_positions()[0]
-    assert bool((positions.diff(dim=-1) > 0).all()) and int(positions[..., -1].max()) == 40 + 9 - 1
+    ids, mask = prompts(1, n=30)
+    cache = CabCache(EvictionConfig(policy="h2o", budget=10), record=True)
+    generate(model, "cab_reference", ids, mask, cache, steps=3)
+    for layer in cache.layers:
+        record = layer.prompt_record
+        assert record["selection"].kept.shape == (1, 2, 10) and record["positions"].shape == (1, 2, 30)
+        assert torch.equal(record["selection"].kept, select_kept(record["scores"], EvictionConfig(policy="h2o",
+                                                                                              budget=10)))
+    assert all(layer.prompt_record is None for layer in CabCache(EvictionConfig()).layers)
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. Clear errors for bad inputs
+# 7. Question spans from text
 
-def _qkv(**shape):
-    s = dict(b=1, hq=4, hkv=2, nq=3, nk=5, d=8)
-    s.update(shape)
-    return make_qkv(s["b"], s["hq"], s["hkv"], s["nq"], s["nk"], s["d"], torch.float32, seed=0)
-
-
-def bad_attention_calls():
-    q, k, v = _qkv()
-    nan_q = q.clone()
-    nan_q[0, 0, 0, 0] = math.nan
-    inf_k = k.clone()
-    inf_k[0, 0, 0, 0] = -math.inf
-    return [
-        ("rank", lambda: attention(q[0], k, v), ValueError, "q"),
-        ("k/v mismatch", lambda: attention(q, k, v[:, :, :4]), ValueError, "v"),
-        ("head dim", lambda: attention(q, k[..., :4], v[..., :4]), ValueError, "head dim"),
-        ("batch", lambda: attention(q, torch.cat([k, k]), torch.cat([v, v])), ValueError, "batch"),
-        ("heads", lambda: attention(*_qkv(hq=3, hkv=2)), ValueError, "multiple"),
-        ("Nq > Nk", lambda: attention(*_qkv(nq=6, nk=5)), ValueError, "Nq"),
-        ("int dtype", lambda: attention(q.long(), k, v), TypeError, "q"),
-        ("not a tensor", lambda: attention(q.tolist(), k, v), TypeError, "q"),
-        ("key_mask dtype", lambda: attention(q, k, v, key_mask=torch.ones(1, 5)), ValueError, "key_mask"),
-        ("key_mask shape", lambda: attention(q, k, v, key_mask=torch.ones(1, 4, dtype=torch.bool)),
-         ValueError, "key_mask"),
-        ("NaN", lambda: attention(nan_q, k, v), ValueError, "q"),
-        ("-inf", lambda: attention(q, inf_k, v), ValueError, "k"),
-    ]
+def word_tokenizer(texts):
+    """A whitespace word-level fast tokenizer over the words of `texts` (offset mappings, no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = sorted({w for text in texts for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)})
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]"] + words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
 
 
-@pytest.mark.parametrize("case", bad_attention_calls(), ids=lambda c: c[0])
-def test_attention_bad_inputs(case):
-    _, call, error, word = case
-    with pytest.raises(error, match=word):
-        call()
+def test_token_span_from_offsets():
+    offsets = [(0, 0), (0, 3), (3, 4), (5, 9), (9, 9), (10, 14)]       # special (0, 0); empty (9, 9)
+    assert R.token_span(offsets, 0, 3) == (1, 2)
+    assert R.token_span(offsets, 2, 6) == (1, 4)             # partial overlaps count
+    assert R.token_span(offsets, 5, 14) == (3, 6)
+    with pytest.raises(ValueError, match="no token"):
+        R.token_span(offsets, 4, 5)                          # the space between tokens
 
 
-@pytest.mark.parametrize("kwargs,word", [
-    ({"policy": "lru"}, "policy"), ({"bridge": "pagerank"}, "bridge"),
-    ({"sparsity": 1.0}, "sparsity"), ({"sparsity": -0.1}, "sparsity"),
-    ({"budget": 0}, "budget"), ({"budget": 2.5}, "budget"), ({"budget": True}, "budget"),
-    ({"local_ratio": 0.5}, "sum to 1"), ({"local_ratio": 1.5, "importance_ratio": -0.7}, "ratio"),
-    ({"recent_ratio": 2.0}, "recent_ratio"), ({"sink": -1}, "sink"), ({"window": 0}, "window"),
-    ({"pool": 4}, "pool"), ({"alpha": math.nan}, "alpha"),
-])
-def test_config_bad_values(kwargs, word):
-    with pytest.raises(ValueError, match=word):
-        EvictionConfig(**kwargs)
+def test_find_question_span_is_the_last_occurrence():
+    question = "Where is the red vault ?"
+    prompt = f"Q: {question} The red vault is in Oslo . The blue one is in Rome . Q: {question} A:"
+    tokenizer = word_tokenizer([prompt])
+    start, end = R.find_question_span(tokenizer, prompt, question)
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert " ".join(tokens[start:end]) == question and tokens[end:] == ["A", ":"]
+    for absent in ("Where is Paris ?", ""):
+        with pytest.raises(ValueError, match="question"):
+            R.find_question_span(tokenizer, prompt, absent)
 
 
-def test_unknown_policy_lists_the_known_ones():
-    with pytest.raises(ValueError) as info:
-        EvictionConfig(policy="lru")
-    assert all(name in str(info.value) for name in POLICIES)
+def test_find_question_span_drives_a_question_policy_in_a_model():
+    question = "which vault ?"
+    prompt = "the red vault holds gold and the blue vault holds silver , " * 3 + question
+    tokenizer = word_tokenizer([prompt])
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"] % 93 + 3
+    span = R.find_question_span(tokenizer, prompt, question)
+    assert span == (ids.shape[1] - 3, ids.shape[1])
+    model = tiny_model("llama")
+    cache = CabCache(EvictionConfig(policy=R.DynamicLocal(qa_recent_ratio=0.9), budget=10), question_span=span)
+    generate(model, "cab_reference", ids, torch.ones_like(ids), cache, steps=1)
+    kept = cache.kept_positions()[0]
+    assert set(range(span[0], span[1])) <= set(kept[0, 0].tolist())     # the question is in the local window
 
 
-def test_selection_and_cache_bad_inputs():
+# ----------------------------------------------------------------------------------------------------
+# 8. Clear errors for bad selection and cache inputs (bad attention inputs: test_robustness.py)
+
+def test_selection_bad_inputs():
     config = EvictionConfig(policy="h2o", budget=2)
     with pytest.raises(ValueError, match="scores"):
         select_kept(torch.rand(4, 5), config)
@@ -578,28 +711,32 @@ def test_selection_and_cache_bad_inputs():
         select_kept(torch.ones(1, 1, 5, dtype=torch.long), config)
     with pytest.raises(ValueError, match="scores"):
         select_kept(torch.full((1, 1, 5), math.nan), config)
+    with pytest.raises(ValueError, match="scores"):
+        select_kept(torch.rand(1, 1, 0), config)
     with pytest.raises(ValueError, match="key_mask"):
         select_kept(torch.rand(1, 1, 5), config, key_mask=torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="question_mask"):
+        select_kept(torch.rand(1, 1, 5), config, question_mask=torch.ones(1, 5))
     with pytest.raises(TypeError, match="bogus"):
-        select_kept(torch.rand(1, 1, 5), config, bogus=torch.rand(1, 1, 5))
-    with pytest.raises(ValueError, match="question_similarity"):
-        select_kept(torch.rand(1, 1, 5), EvictionConfig(policy="hybrid_semantic", budget=2))
+        select_kept(torch.rand(1, 1, 5), config, bogus=[1, 2])
+    with pytest.raises(ValueError, match="window_scores"):
+        select_kept(torch.rand(1, 1, 5), config, window_scores=torch.rand(1, 2, 5))
+
+
+@pytest.mark.parametrize("span,batch", [((-1, 3), 2), ((5, 21), 2), ((7, 7), 2), ((9, 4), 2), ([(0, 2)] * 3, 2)])
+def test_question_span_outside_the_prompt(span, batch):
     with pytest.raises(ValueError, match="question_span"):
-        R.question_mask_from_spans((3, 9), 1, 8)
-    with pytest.raises(ValueError, match="question_span"):
-        R.question_mask_from_spans((4, 4), 1, 8)
-    with pytest.raises(ValueError, match="question_span"):
-        R.question_mask_from_spans([(0, 2)] * 3, 2, 8)
+        R.question_mask_from_spans(span, batch, 20)
+
+
+def test_cache_bad_inputs():
     with pytest.raises(TypeError, match="config"):
         CabCache({"policy": "h2o"})
-
-
-def test_question_span_outside_prompt_raises_during_generation():
     model = tiny_model("llama")
     ids, mask = prompts(1)
-    with pytest.raises(ValueError, match="question_span"):
+    with pytest.raises(ValueError, match="question_span"):       # outside the 20-token prompt
         generate(model, "cab_reference", ids, mask,
                  CabCache(EvictionConfig(policy="question_aware", budget=8), question_span=(15, 40)), steps=2)
-    with pytest.raises(ValueError, match="question_span"):
+    with pytest.raises(ValueError, match="question_span"):       # needed and not given
         generate(model, "cab_reference", ids, mask, CabCache(EvictionConfig(policy="hybrid_semantic", budget=8)),
                  steps=2)

@@ -1,0 +1,372 @@
+"""Helpers shared by the test files (one copy of each; the tests import them from here).
+
+  inputs       make_qkv, left_padding_mask
+  oracle       oracle_attention: float64, one query head at a time, written from the definitions
+  hypothesis   examples(count), SLOW: derandomised settings with a fixed example budget
+  models       tiny_model, prompts, generate, forward, CACHE_KWARG (the cache keyword of the installed
+               transformers), Spy (records what every attention call saw)
+  policies     policy_cases (every policy in POLICY_TYPES, CAB-like ones in every bridge mode),
+               random_context (the evidence a policy ranks by), protected / promised (what a policy
+               promises to keep: the keep-promise arithmetic, once per policy)
+  near ties    assert_same_kept: kept sets equal up to swaps between near-tied tokens
+  bad inputs   bad_attention_calls: the one table of malformed attention calls
+  huge         spot_check_rows: float64 spot checks for tensors too big for the oracle (> 2^31 elements)
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, settings
+
+import cab_reference as R
+
+GPU = torch.cuda.is_available()
+U32 = 2.0 ** -24                   # float32 rounding unit
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs and the float64 oracle
+
+def make_qkv(b, hq, hkv, nq, nk, d, dtype=torch.float32, seed=0, magnitude=1.0, device="cpu"):
+    """Random q [B, Hq, Nq, D], k, v [B, Hkv, Nk, D] (q and k scaled by magnitude), from a seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(b, hq, nq, d, generator=g) * magnitude).to(dtype)
+    k = (torch.randn(b, hkv, nk, d, generator=g) * magnitude).to(dtype)
+    v = torch.randn(b, hkv, nk, d, generator=g).to(dtype)
+    return q.to(device), k.to(device), v.to(device)
+
+
+def left_padding_mask(b, n, pads, device="cpu"):
+    """[B, N] bool, row r's first pads[r] tokens False (padding)."""
+    mask = torch.ones(b, n, dtype=torch.bool)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = False
+    return mask.to(device)
+
+
+def oracle_attention(q, k, v, scale=None, causal=True, key_mask=None):
+    """softmax(q k^T * scale) v and per-key column sums, in float64 on the CPU, one query head at a time
+    (h // G picks the KV head; causal = bottom-right aligned). Not written with the reference's helpers."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    q64, k64, v64 = q.double().cpu(), k.double().cpu(), v.double().cpu()
+    allowed = torch.ones(b, nq, nk, dtype=torch.bool)
+    if causal:
+        for i in range(nq):                                  # query i is token i + nk - nq of the sequence
+            allowed[:, i, i + nk - nq + 1:] = False
+    if key_mask is not None:
+        allowed &= key_mask.cpu()[:, None, :]
+    out = torch.zeros(b, hq, nq, d, dtype=torch.float64)
+    scores = torch.zeros(b, hkv, nk, dtype=torch.float64)
+    for h in range(hq):
+        kv = h // group
+        logits = (q64[:, h] @ k64[:, kv].transpose(-1, -2)) * scale          # (B, Nq, Nk)
+        logits = logits.masked_fill(~allowed, -math.inf)
+        row_max = logits.max(dim=-1, keepdim=True).values
+        row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+        e = torch.exp(logits - row_max) * allowed
+        total = e.sum(dim=-1, keepdim=True)
+        p = e / torch.where(total > 0, total, torch.ones_like(total))
+        out[:, h] = p @ v64[:, kv]
+        scores[:, kv] += p.sum(dim=1)
+    return out, scores
+
+
+def examples(count):
+    """Derandomised hypothesis settings with a fixed example budget (reproducible in CI)."""
+    return settings(max_examples=count, derandomize=True, deadline=None, database=None, print_blob=True,
+                    suppress_health_check=list(HealthCheck))
+
+
+SLOW = examples(1000)              # the `--slow` twins
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tiny random models and generation
+
+def _cache_keyword():
+    """transformers 5.24 renamed past_key_values to `cache` (the old name warns, removed in 6); 5.17 has
+    only past_key_values."""
+    from transformers import LlamaForCausalLM
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+CACHE_KWARG = _cache_keyword()
+VOCAB = 96
+
+
+def tiny_model(family="llama", seed=0, layers=2):
+    """A random Llama or Qwen2 (64 wide, 4 query heads, 2 KV heads) with sharpened attention, eval mode,
+    greedy generation that never stops early."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    cls_config, cls_model = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    config = cls_config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = cls_model(config).eval()
+    with torch.no_grad():                      # sharper attention than a random init's near-uniform one
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None          # never stop early: compare every step
+    return model
+
+
+def prompts(batch, n=20, seed=1, pad=6):
+    """Random token ids [B, n] and attention mask; with batch 2, row 1 is left-padded by `pad` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, n), generator=g)
+    mask = torch.ones(batch, n, dtype=torch.long)
+    if batch == 2:
+        ids[1, :pad] = 0
+        mask[1, :pad] = 0
+    return ids, mask
+
+
+def generate(model, impl, ids, mask, cache=None, steps=12):
+    """Greedy generate with attn_implementation=impl; returns (sequences, logits [B, steps, vocab])."""
+    model.set_attn_implementation(impl)
+    kwargs = {} if cache is None else {CACHE_KWARG: cache}
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True, **kwargs)
+    return out.sequences, torch.stack(out.scores, dim=1)
+
+
+def forward(model, ids, cache, **kwargs):
+    """One plain forward through `cache` (a manual decode step); returns the logits."""
+    with torch.no_grad():
+        return model(ids, **{CACHE_KWARG: cache}, **kwargs).logits
+
+
+class Spy:
+    """An attention implementation wrapping `attention_fn` (cab_reference's by default) that records, for
+    every call, the layer, query, keys, scaling, position_ids and output."""
+
+    def __init__(self, name="tst_spy_reference", attention_fn=R.attention, validate=False):
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        inner = R.make_attention_interface(attention_fn, validate=validate)
+        self.name, self.calls = name, []
+
+        def spy(module, query, key, value, attention_mask, **kwargs):
+            out, _ = inner(module, query, key, value, attention_mask, **kwargs)
+            self.calls.append({"layer": module.layer_idx, "query": query.detach().clone(),
+                               "key": key.detach().clone(), "scaling": kwargs.get("scaling"),
+                               "position_ids": kwargs.get("position_ids"), "out": out.detach().clone()})
+            return out, None
+
+        AttentionInterface.register(name, spy)
+        AttentionMaskInterface.register(name, sdpa_mask)
+
+    def layer_calls(self, layer):
+        return [call for call in self.calls if call["layer"] == layer]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Policies: cases, evidence, keep promises
+
+def policy_cases(**knobs_by_name):
+    """pytest params: every policy in POLICY_TYPES with default knobs (CAB and its subclasses once per
+    bridge mode), with knobs_by_name[name] applied where given, e.g. policy_cases(streaming={"sinks": 2})."""
+    cases = []
+    for name, cls in R.POLICY_TYPES.items():
+        knobs = knobs_by_name.get(name, {})
+        bridges = R.BRIDGE_MODES if issubclass(cls, R.CAB) else (None,)
+        for bridge in bridges:
+            extra = {} if bridge is None else {"bridge": bridge}
+            cases.append(pytest.param(cls(**knobs, **extra), id=name + ("" if bridge is None else f"-{bridge}")))
+    return cases
+
+
+EVIDENCE_RANGES = {                 # name -> (low, high) of random evidence; "n" = the number of tokens
+    "window_scores": (0, 16), "bidirectional_scores": (0, "n"), "question_similarity": (-1, 1),
+    "decode_scores": (0, 4), "question_match": (0, 1), "connectivity": (0, "n"), "curvature": (-20, 4),
+}
+
+
+def evidence_names(policy):
+    """The evidence a policy's evidence() produces, found by running it on a tiny random prompt."""
+    q, k, v = make_qkv(1, 2, 1, 6, 6, 4, seed=0)
+    question = torch.zeros(1, 6, dtype=torch.bool)
+    question[:, 3:5] = True
+    prompt = R.Prompt(q, k, v, None, None, question, R.attention)
+    return sorted(policy.evidence(prompt))
+
+
+def question_mask(b, n, at_end=True):
+    """[B, N] bool: four question tokens ending one token before the end (at_end) or at positions 2..5."""
+    mask = torch.zeros(b, n, dtype=torch.bool)
+    if at_end:
+        mask[:, n - 5:n - 1] = True
+    else:
+        mask[:, 2:6] = True
+    return mask
+
+
+def random_context(policy, scores, *, generator=None, fill=None, question_at_end=True):
+    """select_kept's context for `policy`: its evidence, random in EVIDENCE_RANGES (or all `fill`), and
+    question_mask (every policy gets it; those that do not read it ignore it)."""
+    b, h, n = scores.shape
+    context = {"question_mask": question_mask(b, n, question_at_end)}
+    for name in evidence_names(policy):
+        low, high = (n if x == "n" else x for x in EVIDENCE_RANGES[name])
+        if fill is not None:
+            context[name] = torch.full((b, h, n), float(fill))
+        else:
+            context[name] = low + (high - low) * torch.rand(b, h, n, generator=generator)
+            if name == "connectivity":
+                context[name] = context[name].floor()          # a count of queries
+    return context
+
+
+def protected(policy, k, *, question_at_end=True):
+    """(sinks, recent): how many of the first / most recent tokens `policy` promises to keep at budget
+    k < N. One entry per policy class; a new policy fails here until its promise is written down."""
+    def recent_share(ratio):                                      # H2O and its variants: at least 1
+        return min(k, max(1, int(k * ratio)))
+
+    kind = type(policy)
+    if kind is R.Dense:
+        return 0, k
+    if kind is R.StreamingLLM:
+        sinks = min(policy.sinks, k)
+        return sinks, k - sinks
+    if kind is R.MatchSpan:
+        sinks = min(policy.sinks, k)
+        return sinks, min(k - sinks, recent_share(policy.recent_ratio))
+    if kind is R.SnapKV:
+        return 0, min(policy.window, k // 2)
+    if kind is R.CAB:
+        return 0, int(k * policy.recent_ratio)
+    if kind is R.DynamicLocal:
+        return 0, int(k * (policy.qa_recent_ratio if question_at_end else policy.recent_ratio))
+    if kind in (R.H2O, R.QuestionAware, R.Bidirectional, R.Delayed, R.HybridSemantic):
+        return 0, recent_share(policy.recent_ratio)
+    raise AssertionError(f"protected(): no keep promise written down for {kind.__name__}; add it here")
+
+
+def promised(policy, k, seen, *, question_at_end=True):
+    """The original positions `policy` promises to hold with budget k after `seen` tokens."""
+    if k >= seen:
+        return set(range(seen))
+    sinks, recent = protected(policy, k, question_at_end=question_at_end)
+    return set(range(sinks)) | set(range(seen - recent, seen))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Near ties
+
+def ranking_proxies(scores, policy, per_head, evidence):
+    """The quantities `policy` ranks by, as functions of the scores [B, H, N] (float64, heads merged
+    when per_head=False): the scores, SnapKV's pooled scores, QuestionAware's mixed priority."""
+    s = scores.double()
+    if not per_head:
+        s = s.sum(1, keepdim=True)
+    proxies = [s]
+    if isinstance(policy, R.SnapKV):
+        proxies.append(F.max_pool1d(s, policy.pool, stride=1, padding=policy.pool // 2))
+    if isinstance(policy, R.QuestionAware):
+        sim = evidence["question_similarity"].double()
+        sim = sim if per_head else sim.mean(1, keepdim=True)
+        proxies.append(s / s.amax(-1, keepdim=True).clamp_min(1e-30) + policy.alpha * sim)
+    return s, proxies
+
+
+def assert_same_kept(kept_a, kept_b, scores_truth, scores_tol, policy, per_head, evidence, max_swaps=2):
+    """Kept index sets equal, except swaps between tokens whose ranking quantities (ranking_proxies, or
+    the distance to another score for CAB's median bridge) are within the score tolerance of each
+    other; at most max_swaps per (batch row, head)."""
+    if torch.equal(kept_a, kept_b):
+        return
+    s, proxies = ranking_proxies(scores_truth, policy, per_head, evidence)
+    tol = float(scores_tol)
+    rows_a, rows_b = kept_a.reshape(-1, kept_a.shape[-1]), kept_b.reshape(-1, kept_b.shape[-1])
+    heads = s.shape[1]
+    for r, (ra, rb) in enumerate(zip(rows_a.tolist(), rows_b.tolist())):
+        only_a, only_b = sorted(set(ra) - set(rb)), sorted(set(rb) - set(ra))
+        if not only_a:
+            continue
+        b, h = divmod(r, kept_a.shape[1])
+        h = h if heads > 1 else 0
+        assert len(only_a) <= max_swaps, f"row {r}: {len(only_a)} swaps {only_a} vs {only_b}"
+
+        def near(x, y):
+            if any(abs(float(p[b, h, x] - p[b, h, y])) <= 2 * tol * max(1.0, float(p[b, h].abs().max()))
+                   for p in proxies):
+                return True
+            sx, sy, others = s[b, h, x], s[b, h, y], s[b, h]          # median bridge: |s - m| ties
+            return bool((((sx - others).abs() - (sy - others).abs()).abs() <= 4 * tol * (1 + others.abs())).any())
+
+        for x in only_a:
+            assert any(near(x, y) for y in only_b), (
+                f"row {r}: token {x} kept by one side only, no near-tie among {only_b}; "
+                f"scores {float(s[b, h, x]):.6g} vs {[float(s[b, h, y]) for y in only_b]}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad inputs
+
+def bad_attention_calls(device="cpu"):
+    """(id, args, kwargs, error type, word the message must contain): every malformed attention call."""
+    def t(*shape, dtype=torch.float32):
+        return torch.randn(*shape).to(dtype=dtype, device=device)
+
+    q, k, v = t(1, 4, 3, 16), t(1, 2, 5, 16), t(1, 2, 5, 16)
+    return [
+        ("rank q", (q[0], k, v), {}, ValueError, "q"),
+        ("rank k", (q, k[0], v), {}, ValueError, "k"),
+        ("k/v shapes", (q, k, v[:, :1]), {}, ValueError, "k and v"),
+        ("head dim", (q, t(1, 2, 5, 8), t(1, 2, 5, 8)), {}, ValueError, "head dim"),
+        ("batch", (q, t(2, 2, 5, 16), t(2, 2, 5, 16)), {}, ValueError, "batch"),
+        ("Hq % Hkv", (t(1, 3, 3, 16), k, v), {}, ValueError, "multiple of KV heads"),
+        ("Nq > Nk", (t(1, 4, 6, 16), k, v), {}, ValueError, "Nq <= Nk"),
+        ("int dtype", (q.long(), k, v), {}, TypeError, "q"),
+        ("list", (q, k.tolist(), v), {}, TypeError, "k"),
+        ("mixed devices", (q, k.to("meta"), v.to("meta")), {}, ValueError, "device"),
+        ("key_mask dtype", (q, k, v), {"key_mask": torch.ones(1, 5, device=device)}, ValueError, "key_mask"),
+        ("key_mask shape", (q, k, v), {"key_mask": torch.ones(5, dtype=torch.bool, device=device)},
+         ValueError, "key_mask"),
+        ("key_mask device", (q, k, v), {"key_mask": torch.ones(1, 5, dtype=torch.bool, device="meta")},
+         ValueError, "key_mask"),
+        ("scale NaN", (q, k, v), {"scale": math.nan}, ValueError, "scale"),
+        ("scale inf", (q, k, v), {"scale": math.inf}, ValueError, "scale"),
+        ("scale str", (q, k, v), {"scale": "0.1"}, ValueError, "scale"),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------
+# More than 2^31 elements (GPU only): float64 spot checks
+
+def spot_check_rows(q, k, v, out, scores, rows, key_cols, scale, group, causal=True):
+    """float64 check of a few (b, head, query) output rows and of the scores of a few late keys."""
+    nq, nk = q.shape[2], k.shape[2]
+    for b, h, i in rows:
+        kv = h // group
+        last = i + nk - nq + 1 if causal else nk
+        logits = (k[b, kv, :last].double() @ q[b, h, i].double()) * scale
+        p = torch.softmax(logits, dim=0)
+        expected = p @ v[b, kv, :last].double()
+        err = float((out[b, h, i].double() - expected).abs().max())
+        assert err <= 2e-2 * float(expected.abs().max()) + 1e-3, f"row {(b, h, i)}: error {err:.3g}"
+    for b, kv, j in key_cols:            # a late key: only the queries at or after it see it
+        first = max(0, j - (nk - nq)) if causal else 0
+        total = 0.0
+        for h in range(kv * group, (kv + 1) * group):
+            for i in range(first, nq):
+                last = i + nk - nq + 1 if causal else nk
+                logits = (k[b, kv, :last].double() @ q[b, h, i].double()) * scale
+                total += float(torch.softmax(logits, dim=0)[j])
+        got = float(scores[b, kv, j])
+        assert abs(got - total) <= 1e-3 * total + 1e-5, f"score of key {(b, kv, j)}: {got} vs {total}"
+
