@@ -314,13 +314,10 @@ def test_cudnn_route_lse_convention(n, hkv):
 
 
 def test_tile_table_fits():
-    """Every tile in the table is one the kernels can run: the fit rule holds and a decode split is a
-    multiple of its BLOCK_N (splits never overlap)."""
+    """Every tile in the table is one the kernels can run (the fit rule the candidates obey)."""
     for entries in cab_fast._TILES.values():
         for (kind, block_d, dtype_class), tile in entries.items():
             assert cab_fast._fits(kind, tile, block_d, dtype_class == "fp32"), (kind, block_d, dtype_class, tile)
-            if kind == "decode":
-                assert cab_fast._MIN_SPLIT % tile[0] == 0
 
 
 @pytest.mark.skipif(not GPU, reason="autotuning times kernels on a GPU")
