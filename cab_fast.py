@@ -774,8 +774,8 @@ class SlotBank:
         cap = first.budget + loop.evict_every
         dev = first.keys.device
         shape = (n_layers, b, h, cap)
-        self.keys = first.keys.new_empty(shape + (d,))
-        self.values = first.values.new_empty(shape + (d,))
+        self.keys = first.keys.new_zeros(shape + (d,))           # zeros: a masked slot still meets p = 0 in
+        self.values = first.values.new_zeros(shape + (d,))       # p @ V, and 0 * NaN would be NaN
         self.scores = torch.zeros(shape, dtype=torch.float32, device=dev)
         self.valid = torch.zeros(shape, dtype=torch.bool, device=dev)
         self.positions = torch.empty(shape, dtype=torch.int64, device=dev)
