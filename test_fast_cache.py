@@ -1,0 +1,197 @@
+"""cab_fast.CabCache (per-slot buffers) against cab_reference.CabCache (the readable eviction loop).
+
+Both caches drive the same greedy generation of a tiny random Llama (float32, q/k weights sharpened so the
+heads rank differently), the reference with attn_implementation "cab_reference", the twin with "cab_fast"
+(the Triton interpreter on CPU, the real kernels on a GPU). After every generated token the kept original
+positions must be the same sets in every layer and head, and the generated tokens the same.
+
+Near-ties: none are allowed. The two sides' scores differ by float32 rounding (~1e-7 relative); ties that
+the selection itself creates (padding, pooled priorities, equal positions) are exact on both sides and
+broken by the same rule, so with these inputs a different kept set means a bug, and the test prints the
+step, layer and both sets.
+
+On a GPU two more properties of the decode step: it never waits for the device (sync debug mode "error"),
+and it can be captured in a CUDA graph whose replays give the eager steps' results.
+"""
+
+import os
+import warnings
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # must precede the first import of triton
+
+import pytest  # noqa: E402
+import transformers  # noqa: E402
+
+import cab_fast  # noqa: E402
+import cab_reference as ref  # noqa: E402
+
+GPU = torch.cuda.is_available()
+DEV = "cuda" if GPU else "cpu"
+PROMPT, QUESTION, STEPS = 24, (16, 22), 5
+
+
+def tiny_llama(seed=0):
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=256, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).to(DEV).eval()
+    with torch.no_grad():            # peaked attention, so heavy hitters differ between heads
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+            layer.self_attn.k_proj.weight.mul_(6.0)
+    model.generation_config.eos_token_id = None          # never stop early: compare every step
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+def left_padded_prompts(batch=2, n=PROMPT, pad=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (batch, n), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1:, :pad] = 0                                   # row 1 is `pad` tokens shorter
+    ids[1:, :pad] = 0
+    return ids.to(DEV), mask.to(DEV)
+
+
+class KeptAfterEachToken(transformers.StoppingCriteria):
+    """generate() calls this after every token: snapshot the cache's kept positions, never stop."""
+
+    def __init__(self, cache):
+        self.cache, self.kept = cache, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.kept.append([p.clone() for p in self.cache.kept_positions()])
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def generate(model, impl, cache, ids, mask, steps=STEPS):
+    model.set_attn_implementation(impl)
+    snap = KeptAfterEachToken(cache)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")                  # past_key_values is renamed `cache` in transformers 5.24
+        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=steps,
+                             do_sample=False, stopping_criteria=transformers.StoppingCriteriaList([snap]))
+    return out, snap.kept
+
+
+def assert_same_kept(kept_fast, kept_ref):
+    """kept_* [step][layer] -> [B, Hkv, L]: same sets (both ascending) in every layer and head."""
+    assert len(kept_fast) == len(kept_ref)
+    for step, (fast, reference) in enumerate(zip(kept_fast, kept_ref)):
+        for layer, (f, r) in enumerate(zip(fast, reference)):
+            assert f.shape == r.shape and torch.equal(f, r), \
+                f"after token {step}, layer {layer}: kept positions differ\nfast {f.tolist()}\nref  {r.tolist()}"
+
+
+@pytest.mark.parametrize("evict_every", [1, 3])
+@pytest.mark.parametrize("policy", ref.POLICIES)
+def test_same_tokens_and_kept_positions(model, policy, evict_every):
+    ids, mask = left_padded_prompts()
+    runs = {}
+    for impl, module in (("cab_reference", ref), ("cab_fast", cab_fast)):
+        cache = module.CabCache(ref.EvictionConfig(policy=policy, sparsity=0.5), evict_every=evict_every,
+                                question_span=QUESTION)
+        runs[impl] = generate(model, impl, cache, ids, mask)
+        if impl == "cab_fast" and policy != "none":
+            assert cache.bank is not None and cache.bank.complete, "the decode steps did not run on the slots"
+    assert torch.equal(runs["cab_fast"][0], runs["cab_reference"][0]), "generated tokens differ"
+    assert_same_kept(runs["cab_fast"][1], runs["cab_reference"][1])
+
+
+def decode_loop(model, impl, cache, chunks):
+    """Plain forwards (no generate): each chunk of token ids is fed as one call, then 2 greedy tokens."""
+    model.set_attn_implementation(impl)
+    kept, logits = [], []
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for chunk in chunks:
+            out = model(chunk.to(DEV), past_key_values=cache).logits[:, -1:]
+            for _ in range(2):
+                logits.append(out)
+                kept.append([p.clone() for p in cache.kept_positions()])
+                out = model(out.argmax(-1), past_key_values=cache).logits[:, -1:]
+    return torch.cat(logits, 1), kept
+
+
+@pytest.mark.parametrize("policy, evict_every", [("h2o", 1), ("snapkv", 2)])
+def test_multi_token_calls_after_the_cut(model, policy, evict_every):
+    """A 5-token question appended to a compressed cache (and a 3-token chunk after it) takes the
+    position-ordered path and comes back to the slots: the same kept positions and logits as the reference."""
+    g = torch.Generator().manual_seed(7)
+    chunks = [torch.randint(3, 97, (1, n), generator=g) for n in (PROMPT, 5, 3)]
+    results = {}
+    for impl, module in (("cab_reference", ref), ("cab_fast", cab_fast)):
+        cache = module.CabCache(ref.EvictionConfig(policy=policy, sparsity=0.5), evict_every=evict_every)
+        results[impl] = decode_loop(model, impl, cache, chunks)
+    torch.testing.assert_close(results["cab_fast"][0], results["cab_reference"][0], rtol=1e-4, atol=1e-4)
+    assert_same_kept(results["cab_fast"][1], results["cab_reference"][1])
+
+
+def test_decode_writes_into_the_evicted_slot(model):
+    """No copy of the cache per step: the buffers keep their storage, and the new token's key lands in the
+    slot the last cut freed."""
+    ids, mask = left_padded_prompts(batch=1)
+    cache = cab_fast.CabCache(ref.EvictionConfig(policy="h2o", sparsity=0.5))
+    generate(model, "cab_fast", cache, ids, mask, steps=2)
+    bank = cache.bank
+    pointers = (bank.keys.data_ptr(), bank.values.data_ptr())
+    slot = bank.next_slot.clone()                                            # (Ly, B, Hkv, 1)
+    with torch.no_grad():
+        model(torch.tensor([[5]], device=DEV), past_key_values=cache)
+    assert (bank.keys.data_ptr(), bank.values.data_ptr()) == pointers and cache.bank is bank
+    newest = cache.get_seq_length() - 1                                      # the token just written
+    assert bool((bank.positions.gather(-1, slot) == newest).all()), "the new token is not in the freed slot"
+
+
+@pytest.mark.skipif(not GPU, reason="host syncs and CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("policy", ["cab", "snapkv", "match_span", "dynamic_local"])
+def test_decode_step_never_syncs(model, policy):
+    ids, mask = left_padded_prompts(batch=2)
+    cache = cab_fast.CabCache(ref.EvictionConfig(policy=policy, sparsity=0.5), question_span=QUESTION)
+    out, _ = generate(model, "cab_fast", cache, ids, mask, steps=2)
+    token = out[:, -1:]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            for _ in range(3):                           # a cut at every step (evict_every=1)
+                token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not GPU, reason="CUDA graphs need a CUDA GPU")
+def test_decode_step_replays_in_a_cuda_graph(model):
+    """Capture one decode step (model forward + cache write + attention + cut) and replay it: the same
+    logits, kept positions and cached keys as eager steps on an identical cache."""
+    ids, mask = left_padded_prompts(batch=2)
+    caches = [cab_fast.CabCache(ref.EvictionConfig(policy="cab", sparsity=0.5)) for _ in range(2)]
+    for cache in caches:
+        out, _ = generate(model, "cab_fast", cache, ids, mask, steps=2)
+    eager, graphed = caches
+    n = ids.shape[1] + 1                                 # the next token's position, before padding
+    pads = (mask == 0).sum(-1, keepdim=True)
+    token = out[:, -1:].clone()
+    position = (n - pads).clone()                        # (B, 1) padding-aware positions, as generate()'s
+    with torch.no_grad():
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_logits = model(token, position_ids=position, past_key_values=graphed).logits
+        for step in range(3):
+            graph.replay()
+            want = model(token, position_ids=position, past_key_values=eager).logits
+            torch.testing.assert_close(static_logits, want, rtol=1e-5, atol=1e-5)
+            for f, r in zip(graphed.kept_positions(), eager.kept_positions()):
+                assert torch.equal(f, r), f"replay {step}: kept positions differ"
+            assert torch.equal(graphed.bank.keys, eager.bank.keys), f"replay {step}: cached keys differ"
+            token.copy_(want[:, -1:].argmax(-1))
+            position.add_(1)
