@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 import cab_reference as R
 from cab_reference import CabCache, EvictionConfig, EvictionLoop, attention, select_kept, select_parts
 from testkit import (
+    CACHE_KWARG,
     Spy,
     examples,
     forward,
@@ -431,6 +432,7 @@ LOOP_CASES = [
     pytest.param(EvictionConfig(policy="delayed", budget=10), {}, id="delayed"),
     pytest.param(EvictionConfig(policy=R.MatchSpan(layers=2, radius=2, window=3), budget=10),
                  {"question_span": (14, 18)}, id="match_span-2layers"),
+    pytest.param(EvictionConfig(), {}, id="default-without-question"),
 ]
 
 
@@ -652,6 +654,25 @@ def test_record_keeps_each_layers_prompt_selection():
     assert all(layer.prompt_record is None for layer in CabCache(EvictionConfig()).layers)
 
 
+@pytest.mark.parametrize("policy", ["none", "h2o"])
+def test_beam_search_reorders_the_cache(policy):
+    """num_beams=3 repeats the rows, then reorders them every step (batch_repeat_interleave, reorder_cache):
+    with policy none the beams are sdpa's; with h2o every beam row stays at the budget."""
+    model = tiny_model("llama")
+    ids, mask = prompts(2, n=20)
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        dense = model.generate(ids, attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False)
+    model.set_attn_implementation("cab_reference")
+    cache = CabCache(EvictionConfig(policy=policy, budget=10))
+    with torch.no_grad():
+        beams = model.generate(ids, attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False,
+                               **{CACHE_KWARG: cache})
+    assert [tuple(layer.keys.shape[:3]) for layer in cache.layers] == [(6, 2, 24 if policy == "none" else 10)] * 2
+    if policy == "none":
+        assert torch.equal(beams, dense)
+
+
 # ----------------------------------------------------------------------------------------------------
 # 7. Question spans from text
 
@@ -740,3 +761,33 @@ def test_cache_bad_inputs():
     with pytest.raises(ValueError, match="question_span"):       # needed and not given
         generate(model, "cab_reference", ids, mask, CabCache(EvictionConfig(policy="hybrid_semantic", budget=8)),
                  steps=2)
+
+
+class FakeModule:
+    layer_idx, training = 0, False
+
+
+def test_attention_interface_refuses_what_it_cannot_honour():
+    """A mask other than causal + padding (a sliding window) and dropout in training are errors, not
+    silently different attention; an evicting cache cannot be cropped back."""
+    interface = R.make_attention_interface(attention)
+    q, k, v = make_qkv(1, 4, 2, 6, 6, 8)
+    window = torch.ones(6, 6, dtype=torch.bool).tril() & torch.ones(6, 6, dtype=torch.bool).triu(-2)
+    out, _ = interface(FakeModule(), q, k, v, torch.ones(6, 6, dtype=torch.bool).tril()[None, None])
+    torch.testing.assert_close(out, attention(q, k, v)[0].transpose(1, 2))       # causal: accepted
+    with pytest.raises(ValueError, match="attention_mask"):
+        interface(FakeModule(), q, k, v, window[None, None])
+    training = FakeModule()
+    training.training = True
+    with pytest.raises(ValueError, match="dropout"):
+        interface(training, q, k, v, None, dropout=0.1)
+    layer = CabCache(EvictionConfig(policy="h2o")).layer(0)
+    assert layer.is_croppable is False
+    with pytest.raises(NotImplementedError, match="crop"):
+        layer.crop(1)
+
+
+def test_fill_parts_refuses_parts_larger_than_the_tokens():
+    parts = [R.Part("a", 3, torch.rand(1, 1, 4)), R.Part("b", 2, torch.rand(1, 1, 4))]
+    with pytest.raises(RuntimeError, match="5 tokens out of 4"):
+        R.fill_parts(parts, torch.ones(1, 1, 4, dtype=torch.bool))
