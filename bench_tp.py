@@ -183,6 +183,7 @@ def main():
                 print(f"{r['config']:<20} {r['gpus']:>4} {r['prefill_s']:>10.3f} {r['tokens_per_s']:>10.1f} "
                       f"{r['kv_cache_mib_per_gpu']:>11.1f} {r['peak_mib_per_gpu']:>13.1f}")
         shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()                 # leave together: a rank tearing down while another still talks can abort
     dist.destroy_process_group()
     return 0
 
