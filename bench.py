@@ -12,6 +12,7 @@ test_equivalence.py; this file only checks that the fast path's outputs are fini
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -262,61 +263,303 @@ def sweep_tiles(d_list=(64, 128)):
           f"{torch.__version__}, triton {triton.__version__}: bench.py --autotune\n{cap}: {found!r},", flush=True)
 
 
-def _cache(pol, evict_every):
-    import transformers
-    return (transformers.DynamicCache() if pol is None
-            else ref.CabCache(ref.EvictionConfig(policy=pol, sparsity=0.9, evict_every=evict_every)))
+# ----------------------------------------------------------------------------------------------------
+# End to end: a 16-layer random Llama generating after a long prompt, dense against cab_fast.CabCache
+
+E2E_POLICY, E2E_SPARSITY = "cab", 0.9
 
 
-def _decode_steps(model, ids, pol, evict_every, steps):
-    """ms per decode step of plain model(...) calls after a prefill: no generate() bookkeeping."""
-    cache = _cache(pol, evict_every)
-    with torch.no_grad():
-        tok = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        for i in range(steps + 3):
-            if i == 3:                                                        # 3 warm-up steps
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-            tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps * 1e3
-
-
-def bench_end_to_end(prompts, new_tokens=128, layers=16, policy="cab"):
+def _llama(layers=16):
     import transformers
     cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                                    num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=4,
                                    head_dim=128, max_position_embeddings=65536)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
-    runs = [("sdpa", None, 1, "dense SDPA + DynamicCache"),
-            ("cab_fast", policy, 1, f"cab_fast + CabCache({policy}, 90%)"),
-            ("cab_fast", policy, 64, f"cab_fast + CabCache({policy}, 90%, evict_every=64)")]
-    for n in prompts:
-        ids = torch.randint(0, 32000, (1, n), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
-        for impl, pol, evict_every, label in runs:
-            model.set_attn_implementation(impl)
+    return transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
 
-            def gen(t):
-                cache = _cache(pol, evict_every)
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                                   max_new_tokens=t, min_new_tokens=t, do_sample=False)
-                torch.cuda.synchronize()
-                return time.perf_counter() - t0, cache
-            gen(2)                                                            # warm-up: compile, autotune
-            t1, _ = gen(1)
-            tn, cache = gen(new_tokens)
-            kv = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
-            del cache
-            step_ms = _decode_steps(model, ids, pol, evict_every, steps=32)
-            r = _row("end_to_end", prompt=n, impl=label, layers=layers, new_tokens=new_tokens,
-                     prefill_s=t1, ms_per_token=(tn - t1) / (new_tokens - 1) * 1e3, kv_cache_mib=kv / 2 ** 20,
-                     forward_step_ms=step_ms)
+
+def _prompt(batch, n):
+    return torch.randint(0, 32000, (batch, n), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+
+
+def _evicting(evict_every=1, budget=None):
+    config = ref.EvictionConfig(policy=E2E_POLICY, sparsity=E2E_SPARSITY, budget=budget)
+    return cab_fast.CabCache(config, evict_every=evict_every)
+
+
+def _side(model, impl):
+    """(attention implementation, cache factory) of the dense or the evicting side."""
+    import transformers
+    model.set_attn_implementation("sdpa" if impl == "dense" else "cab_fast")
+    return transformers.DynamicCache if impl == "dense" else _evicting
+
+
+def _synced(fn):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def _prefill(model, ids, cache):
+    """The prompt's forward; only the last position's logits (as generate() does). Returns the next token."""
+    return model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+
+
+def _eager_steps_ms(model, cache, token, steps=32, warmup=3):
+    """ms per plain model() decode step (no generate() bookkeeping, no sync inside the loop)."""
+    def run(token, count):
+        for _ in range(count):
+            token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+        return token
+    token = run(token, warmup)
+    seconds, _ = _synced(lambda: run(token, steps))
+    return seconds / steps * 1e3
+
+
+def _graph_steps_ms(model, cache, token, position, replays=20):
+    """ms per decode step replayed from a CUDA graph that holds one whole step: forward, cache write,
+    attention, eviction, argmax, and the next step's token and position."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                       # warm-up on the capture stream (library handles)
+        for _ in range(2):
+            token.copy_(model(token, position_ids=position, past_key_values=cache).logits[:, -1:].argmax(-1))
+            position.add_(1)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        token.copy_(model(token, position_ids=position, past_key_values=cache).logits[:, -1:].argmax(-1))
+        position.add_(1)
+    graph.replay()
+    seconds, _ = _synced(lambda: [graph.replay() for _ in range(replays)])
+    return seconds / replays * 1e3
+
+
+def _kv_mib(cache):
+    if hasattr(cache, "bank") and cache.bank is not None:
+        bank = cache.bank
+        tensors = [bank.keys, bank.values, bank.scores, bank.positions, bank.valid, bank.free,
+                   *bank.evidence.values()]
+    else:
+        tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2 ** 20
+
+
+def e2e_prefill_and_eager(model, n, steps=32):
+    """B=1: prefill seconds and eager decode ms per step, dense (SDPA + DynamicCache) vs eviction
+    (cab_fast + CabCache, evict_every 1 and 64), each side in the same process on the same prompt."""
+    ids = _prompt(1, n)
+    rows = {}
+    for impl, evict_every in (("dense", None), ("evict", 1), ("evict", 64)):
+        make = _side(model, impl)
+        new = make if impl == "dense" else (lambda e=evict_every: make(e))
+        with torch.no_grad():
+            _prefill(model, ids, new())                                   # warm-up: kernels compiled
             torch.cuda.empty_cache()
-            yield r
+            times = []
+            for _ in range(3):
+                cache = new()
+                seconds, token = _synced(lambda c=cache: _prefill(model, ids, c))
+                times.append(seconds)
+            step_ms = _eager_steps_ms(model, cache, token, steps)
+        rows[(impl, evict_every)] = {"prefill_s": sorted(times)[1], "step_ms": step_ms, "kv_mib": _kv_mib(cache)}
+        del cache
+        torch.cuda.empty_cache()
+    return rows
+
+
+def e2e_generate(model, n, new_tokens=33):
+    """generate() ms per token, B=1: (generate(new_tokens) - generate(1)) / (new_tokens - 1)."""
+    ids = _prompt(1, n)
+    out = {}
+    for impl in ("dense", "evict"):
+        make = _side(model, impl)
+
+        def gen(t):
+            cache = make()
+            return _synced(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                                                  max_new_tokens=t, min_new_tokens=t, do_sample=False))[0]
+        with torch.no_grad():
+            gen(2)
+            out[impl] = (gen(new_tokens) - gen(1)) / (new_tokens - 1) * 1e3
+        torch.cuda.empty_cache()
+    return out
+
+
+def e2e_generate_overhead(model, n, new_tokens=17, top=12):
+    """Where dense generate() spends its time per token outside the model: model.forward timed inside
+    generate() (synchronised at entry and exit, so nothing of the model's GPU work is left outside), and
+    cProfile's top functions by own time outside the forward."""
+    import cProfile
+    import io
+    import pstats
+    ids = _prompt(1, n)
+    make = _side(model, "dense")
+    inside = []
+    forward = model.forward
+
+    @functools.wraps(forward)                           # generate() reads the forward's signature
+    def timed_forward(*args, **kwargs):
+        seconds, out = _synced(lambda: forward(*args, **kwargs))
+        inside.append(seconds)
+        return out
+    model.forward = timed_forward
+    try:
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=make(), max_new_tokens=2,
+                           min_new_tokens=2, do_sample=False)
+            inside.clear()
+            profile = cProfile.Profile()
+            profile.enable()
+            total, _ = _synced(lambda: model.generate(ids, attention_mask=torch.ones_like(ids),
+                                                      past_key_values=make(), max_new_tokens=new_tokens,
+                                                      min_new_tokens=new_tokens, do_sample=False))
+            profile.disable()
+    finally:
+        del model.forward
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(top)
+    decode = inside[1:]
+    return {"generate_ms_per_token": (total - inside[0]) / (new_tokens - 1) * 1e3,
+            "forward_ms_per_token": sum(decode) / len(decode) * 1e3,
+            "outside_ms_per_token": (total - sum(inside)) / (new_tokens - 1) * 1e3,
+            "profile": text.getvalue()}
+
+
+def e2e_graphs(model, n, batch=8):
+    """B=8, CUDA graphs on both sides: dense SDPA + transformers' StaticCache (prompt + 64 slots) against
+    cab_fast + CabCache (evict_every=1); eager steps of the same caches beside them."""
+    import transformers
+    ids = _prompt(batch, n)
+    out = {}
+    for impl in ("dense", "evict"):
+        _side(model, impl)
+        with torch.no_grad():
+            cache = (transformers.StaticCache(config=model.config, max_cache_len=n + 64) if impl == "dense"
+                     else _evicting(1))
+            token = _prefill(model, ids, cache)
+            eager_ms = _eager_steps_ms(model, cache, token, steps=8, warmup=2)
+            position = torch.full((batch, 1), n + 10, device="cuda")          # 10 tokens were generated
+            graph_ms = _graph_steps_ms(model, cache, token.clone(), position)
+        out[impl] = {"eager_ms": eager_ms, "graph_ms": graph_ms, "graph_tok_s": batch / graph_ms * 1e3}
+        del cache
+        torch.cuda.empty_cache()
+    return out
+
+
+def _as_if_cut(cache, n, live):
+    """Make a CabCache's slots hold what a prompt of n tokens leaves after a cut: `live` real tokens with
+    random keys and values (positions n - live .. n - 1) and the rest free; the next token is position n."""
+    bank = cache.bank
+    cap = bank.keys.shape[3]
+    bank.keys.normal_()
+    bank.values.normal_()
+    bank.scores.uniform_()
+    bank.positions.copy_(torch.arange(n - live, n - live + cap, device="cuda"))
+    bank.valid.copy_(torch.arange(cap, device="cuda") < live)
+    bank.free[..., :cap - live].copy_(torch.arange(live, cap, device="cuda"))
+    bank.cursor.zero_()
+    bank.next_position.fill_(n)
+    bank.next_slot.copy_(bank.free[..., :1])
+    bank.live = live
+    for layer in cache.layers:
+        layer.seen = n
+
+
+def e2e_capacity(model, n, new_tokens=16, reserve_gib=(3.0, 6.0), evict_every=64):
+    """The largest batch at an n-token prompt that fits the GPU, from memory arithmetic, then run: decode
+    steps at that batch on synthetic caches (random keys and values in the state a prompt leaves: dense
+    StaticCache of n + new_tokens slots; CabCache slots after a cut), since running that many n-token
+    prefills would take minutes. reserve_gib: headroom for the step's own temporaries (dense; eviction,
+    whose cut ranks up to cab_fast._CUT_ELEMENTS slots at once)."""
+    import transformers
+    cfg = model.config
+    layers, hkv, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    torch.cuda.empty_cache()
+    free_gib = torch.cuda.mem_get_info()[0] / 2 ** 30
+    budget = ref.EvictionConfig(policy=E2E_POLICY, sparsity=E2E_SPARSITY).cache_budget(n)
+    dense_seq = layers * hkv * (n + new_tokens) * d * 2 * 2 / 2 ** 30                 # K and V, bf16
+    slots = budget + evict_every
+    evict_seq = layers * hkv * slots * (d * 2 * 2 + 4 + 8 + 1 + 8) / 2 ** 30            # K, V, score, position,
+    out = {"free_gib": free_gib, "budget": budget}                                      # valid, free list
+    for impl, per_seq, reserve in (("dense", dense_seq, reserve_gib[0]), ("evict", evict_seq, reserve_gib[1])):
+        batch = int((free_gib - reserve) // per_seq)
+        row = {"per_seq_mib": per_seq * 1024, "batch": batch}
+        _side(model, impl)
+        try:
+            with torch.no_grad():
+                if impl == "dense":
+                    cache = transformers.StaticCache(config=cfg, max_cache_len=n + new_tokens)
+                    token = _prefill(model, _prompt(batch, 1), cache)
+                    for layer in cache.layers:
+                        layer.keys.normal_()
+                        layer.values.normal_()
+                        layer.cumulative_length.fill_(n)
+                    row["step_ms"] = _eager_steps_ms(model, cache, token, steps=4, warmup=1)
+                else:
+                    cache = _evicting(evict_every, budget=budget)
+                    token = _prefill(model, _prompt(batch, 16), cache)
+                    for _ in range(2):                                        # the second one timed
+                        _as_if_cut(cache, n, slots - 1)                       # the next step cuts
+                        seconds, _ = _synced(lambda: model(token, past_key_values=cache))
+                    row["cut_step_ms"] = seconds * 1e3
+                    row["step_ms"] = _eager_steps_ms(model, cache, token, steps=4, warmup=1)
+                    row["amortised_ms"] = (row["cut_step_ms"] + (evict_every - 1) * row["step_ms"]) / evict_every
+                row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+                row["tok_s"] = batch / row.get("amortised_ms", row["step_ms"]) * 1e3
+        except torch.OutOfMemoryError as e:
+            row["error"] = f"out of memory at batch {batch}: {str(e)[:120]}"
+        cache = token = None
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        out[impl] = row
+    return out
+
+
+def bench_end_to_end(n=32768, layers=16, say=print):
+    """Every end-to-end figure, dense beside eviction, in one process (rows also go to ROWS for --json)."""
+    model = _llama(layers)
+    say(f"\nend to end: random Llama ({layers} layers, hidden 2048, 16/4 heads, D=128, bf16), {n}-token prompt, "
+        f"eviction = cab_fast.CabCache({E2E_POLICY}, sparsity {E2E_SPARSITY})")
+    r = e2e_prefill_and_eager(model, n)
+    _row("e2e_b1", **{f"{k[0]}_{k[1]}": v for k, v in r.items()})
+    dense = r[("dense", None)]
+    say(f"{'B=1, eager':<34} {'prefill s':>9} {'x dense':>8} {'step ms':>8} {'x dense':>8} {'KV MiB':>8}")
+    for (impl, e), v in r.items():
+        label = "dense SDPA + DynamicCache" if impl == "dense" else f"eviction, evict_every={e}"
+        say(f"{label:<34} {v['prefill_s']:>9.3f} {v['prefill_s'] / dense['prefill_s']:>8.2f} {v['step_ms']:>8.2f} "
+            f"{v['step_ms'] / dense['step_ms']:>8.2f} {v['kv_mib']:>8.1f}", flush=True)
+    g = e2e_generate(model, n)
+    _row("e2e_generate", **g)
+    say(f"generate() ms/token, B=1: dense {g['dense']:.2f}, eviction {g['evict']:.2f} "
+        f"({g['evict'] / g['dense']:.2f}x)", flush=True)
+    o = e2e_generate_overhead(model, n)
+    _row("e2e_generate_overhead", **o)
+    say(f"dense generate() per token: {o['generate_ms_per_token']:.2f} ms, of which model.forward "
+        f"{o['forward_ms_per_token']:.2f} ms and outside it {o['outside_ms_per_token']:.2f} ms "
+        f"(forward synchronised at entry and exit); cProfile of the whole generate() by own time:\n"
+        f"{o['profile']}", flush=True)
+    gr = e2e_graphs(model, n)
+    _row("e2e_graphs", **gr)
+    say(f"{'B=8':<34} {'eager ms':>9} {'graph ms':>9} {'tok/s':>9}")
+    for impl, v in gr.items():
+        label = "dense SDPA + StaticCache" if impl == "dense" else "eviction, evict_every=1"
+        say(f"{label:<34} {v['eager_ms']:>9.2f} {v['graph_ms']:>9.2f} {v['graph_tok_s']:>9.0f}")
+    say(f"graph tokens/s, eviction / dense: {gr['evict']['graph_tok_s'] / gr['dense']['graph_tok_s']:.2f}x",
+        flush=True)
+    c = e2e_capacity(model, n)
+    _row("e2e_capacity", **c)
+    say(f"capacity at {n} tokens: {c['free_gib']:.1f} GiB free after the weights; budget {c['budget']} per layer "
+        f"and KV head; decode steps on synthetic caches at the largest batch (see e2e_capacity)")
+    for impl, v in ((k, c[k]) for k in ("dense", "evict")):
+        label = "dense StaticCache" if impl == "dense" else "eviction, evict_every=64"
+        say(f"{label:<26} {v['per_seq_mib']:>8.1f} MiB/seq  batch {v['batch']:>5}  " +
+            (v["error"] if "error" in v else
+             f"step {v['step_ms']:.2f} ms" + (f" (cut step {v['cut_step_ms']:.2f} ms, amortised "
+                                                f"{v['amortised_ms']:.2f} ms)" if "amortised_ms" in v else "")
+             + f"  {v['tok_s']:.0f} tok/s  peak {v['peak_gib']:.1f} GiB"), flush=True)
 
 
 def _f(x, fmt="{:8.3f}"):
@@ -380,14 +623,7 @@ def main():
                 f"{_f(r['sdpa_graph_ms'])} {_f(r['fast_graph_ms'])} {_f(r['graph_ratio'], '{:8.2f}')}  "
                 f"{r['tile']}", flush=True)
     if "e2e" not in skip:
-        prompts = [16384] if args.quick else [16384, 32768]
-        say("\nend to end: random Llama (16 layers, hidden 2048, 16/4 heads, D=128, bf16), B=1, greedy, "
-            "128 new tokens")
-        say(f"{'prompt':>7} {'implementation':<36} {'prefill s':>9} {'ms/token':>9} {'step ms':>9} {'KV MiB':>9}"
-            "   (ms/token: generate(); step ms: plain model() decode steps)")
-        for r in bench_end_to_end(prompts, new_tokens=32 if args.quick else 128):
-            say(f"{r['prompt']:>7} {r['impl']:<36} {r['prefill_s']:>9.3f} {r['ms_per_token']:>9.2f} "
-                f"{r['forward_step_ms']:>9.2f} {r['kv_cache_mib']:>9.1f}", flush=True)
+        bench_end_to_end(n=16384 if args.quick else 32768, say=say)
     if args.json:
         print(json.dumps({"header": head, "rows": ROWS}, indent=1))
 
