@@ -111,6 +111,8 @@ def attention_probabilities(q, k, *, scale=None, causal=True, key_mask=None):
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     qg = q.to(acc).view(b, hkv, g, nq, d)                                     # (B, Hkv, G, Nq, D)
     logits = (qg @ k.to(acc)[:, :, None].mT) * scale                          # (B, Hkv, G, Nq, Nk)
+    if nk == 0:                                   # no keys (so no queries): empty, as the fast twin returns
+        return logits
     visible = visibility(nq, nk, causal=causal, key_mask=key_mask, device=q.device)
     logits = logits.masked_fill(~visible, -math.inf)                          # (B, Hkv, G, Nq, Nk)
     row_max = logits.amax(dim=-1, keepdim=True)                               # (B, Hkv, G, Nq, 1)
