@@ -28,6 +28,7 @@ import cab_reference as R
 from cab_reference import CabCache, EvictionConfig, EvictionLoop, attention, select_kept, select_parts
 from testkit import (
     CACHE_KWARG,
+    SINKS_THEN_RECENT,
     Spy,
     examples,
     forward,
@@ -131,6 +132,8 @@ def bad_knob_values(default):
     """Values a knob with this default must reject: wrong types (bool is not a number) and NaN / -1."""
     if isinstance(default, str):
         return ["nonsense", 3]
+    if isinstance(default, tuple):
+        return [(-1,), (1.5,), [1, 2]]
     if isinstance(default, int):
         return [-1, True, 1.5]
     return [math.nan, True, "0.5"]
@@ -300,7 +303,8 @@ def test_policy_promises(policy, per_head):
             assert torch.equal(kept, kept[:, :1].expand_as(kept)), "per_head=False: one choice per layer"
 
 
-TIE_CASES = policy_cases(streaming={"sinks": 3}, snapkv={"window": 4}, match_span={"sinks": 3})
+TIE_CASES = policy_cases(streaming={"sinks": 3}, snapkv={"window": 4}, match_span={"sinks": 3},
+                         sentence_match={"sinks": 3})
 
 
 @PER_HEAD
@@ -312,7 +316,7 @@ def test_policy_ties_break_toward_recent(policy, per_head):
     kept = select_kept(scores, config, **random_context(policy, scores, fill=0.5))
     if isinstance(policy, R.Dense):
         expected = list(range(n))
-    elif isinstance(policy, (R.StreamingLLM, R.MatchSpan)):      # sinks first, then every tie goes to recent
+    elif isinstance(policy, (R.StreamingLLM, *SINKS_THEN_RECENT)):      # sinks first, then every tie goes to recent
         expected = [0, 1, 2] + list(range(n - 7, n))
     else:                  # every score and every evidence equal: the most recent tokens win every tie
         expected = list(range(n - budget, n))
@@ -327,7 +331,8 @@ def test_h2o_tie_for_the_last_slot_goes_to_the_later_token():
 
 
 @PER_HEAD
-@pytest.mark.parametrize("policy", policy_cases(streaming={"sinks": 2}, snapkv={"window": 4}, match_span={"sinks": 2}))
+@pytest.mark.parametrize("policy", policy_cases(streaming={"sinks": 2}, snapkv={"window": 4}, match_span={"sinks": 2},
+                                                sentence_match={"sinks": 2}))
 def test_policy_never_keeps_padding_while_evicting_real_tokens(policy, per_head):
     g = torch.Generator().manual_seed(5)
     b, h, n = 3, 2, 40
@@ -352,7 +357,7 @@ def test_policy_never_keeps_padding_while_evicting_real_tokens(policy, per_head)
                 assert all(i >= pad for i in chosen), f"row {row} head {head}: padding kept {sorted(chosen)}"
             else:
                 assert set(range(pad, n)) <= chosen, f"row {row}: real tokens evicted while padding kept"
-        if isinstance(policy, (R.StreamingLLM, R.MatchSpan)) and real >= k:   # sinks: the first *real* tokens
+        if isinstance(policy, (R.StreamingLLM, *SINKS_THEN_RECENT)) and real >= k:   # sinks: the first *real* tokens
             assert {pad, pad + 1} <= set(kept[row, 0].tolist())
 
 

@@ -320,6 +320,15 @@ def test_rows_with_all_keys_masked_give_zero(impl, dtype, causal):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("nq,nk", [(0, 0), (0, 5)])
+def test_no_queries_or_no_keys_give_empty_results(impl, nq, nk):
+    """Regression: the reference raised amax()'s IndexError for Nk = 0 where the fast twin returns empty."""
+    q, k, v = torch.randn(2, 4, nq, 8), torch.randn(2, 2, nk, 8), torch.randn(2, 2, nk, 8)
+    out, scores = run_impl(impl, q, k, v)
+    assert out.shape == (2, 4, nq, 8) and scores.shape == (2, 2, nk) and not bool(scores.any())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 def test_nonfinite_inputs_raise_when_validating(impl, where, bad):

@@ -192,6 +192,7 @@ def policy_cases(**knobs_by_name):
 EVIDENCE_RANGES = {                 # name -> (low, high) of random evidence; "n" = the number of tokens
     "window_scores": (0, 16), "bidirectional_scores": (0, "n"), "question_similarity": (-1, 1),
     "decode_scores": (0, 4), "question_match": (0, 1), "connectivity": (0, "n"), "curvature": (-20, 4),
+    "sentence_match": (0, 4),
 }
 
 
@@ -230,6 +231,9 @@ def random_context(policy, scores, *, generator=None, fill=None, question_at_end
     return context
 
 
+SINKS_THEN_RECENT = (R.MatchSpan, getattr(R, "SentenceMatch", R.MatchSpan))   # sinks, recent_ratio, the rest
+
+
 def protected(policy, k, *, question_at_end=True):
     """(sinks, recent): how many of the first / most recent tokens `policy` promises to keep at budget
     k < N. One entry per policy class; a new policy fails here until its promise is written down."""
@@ -242,7 +246,7 @@ def protected(policy, k, *, question_at_end=True):
     if kind is R.StreamingLLM:
         sinks = min(policy.sinks, k)
         return sinks, k - sinks
-    if kind is R.MatchSpan:
+    if kind in SINKS_THEN_RECENT:
         sinks = min(policy.sinks, k)
         return sinks, min(k - sinks, recent_share(policy.recent_ratio))
     if kind is R.SnapKV:
