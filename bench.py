@@ -275,7 +275,8 @@ def _llama(layers=16):
                                    num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=4,
                                    head_dim=128, max_position_embeddings=65536)
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    with torch.device("cuda"):                          # initialised on the GPU: seconds, not a minute
+        return transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
 
 
 def _prompt(batch, n):
