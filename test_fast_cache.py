@@ -183,6 +183,13 @@ def test_decode_step_replays_in_a_cuda_graph(model):
     token = out[:, -1:].clone()
     position = (n - pads).clone()                        # (B, 1) padding-aware positions, as generate()'s
     with torch.no_grad():
+        side = torch.cuda.Stream()                       # one warm-up step on a side stream, both caches
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model(token, position_ids=position, past_key_values=graphed)
+        torch.cuda.current_stream().wait_stream(side)
+        token.copy_(model(token, position_ids=position, past_key_values=eager).logits[:, -1:].argmax(-1))
+        position.add_(1)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_logits = model(token, position_ids=position, past_key_values=graphed).logits
