@@ -114,8 +114,18 @@ def _dtype_class(dtype):
     return "fp32" if dtype == torch.float32 else "half"
 
 
+def _cdiv(a, b):
+    """Host-side ceil(a / b). (triton.cdiv and triton.next_power_of_2 are jit-callable wrappers that cost
+    ~10 us per call from Python: a decode call used seven of them.)"""
+    return -(-a // b)
+
+
+def _next_pow2(n):
+    return 1 << (n - 1).bit_length()
+
+
 def _block_d(d):
-    return max(16, triton.next_power_of_2(d))
+    return max(16, _next_pow2(d))
 
 
 def _table_tile(kind, capability, block_d, dtype):
@@ -402,11 +412,21 @@ def _lse2(m, total):
     return tl.where(empty, float("inf"), m + tl.math.log2(tl.where(empty, 1.0, total)))
 
 
-@triton.jit(do_not_specialize=["H_KV", "G", "N_Q", "N_K", "SPLIT", "NUM_SPLITS", "skmb"])
-def _decode_partial_kernel(Q, K, V, KM, Mp, Lp, Ap, Lg, Out, Scores,
+@triton.jit
+def _workspace(Work, PARTS, BLOCK_D: tl.constexpr):
+    """The decode workspace, one float32 buffer: accumulators [PARTS, BLOCK_D], running max [PARTS],
+    running sum [PARTS] (PARTS = B * Hkv * splits * BLOCK_R, 0 for one split), then the logits."""
+    parts = PARTS.to(tl.int64)
+    Mp = Work + parts * BLOCK_D
+    Lp = Mp + parts
+    return Work, Mp, Lp, Lp + parts
+
+
+@triton.jit(do_not_specialize=["H_KV", "G", "N_Q", "N_K", "SPLIT", "NUM_SPLITS", "PARTS", "skmb"])
+def _decode_partial_kernel(Q, K, V, KM, Work, Out, Scores,
                            sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, skmb, skmn,
                            sob, soh, som, sod,
-                           H_KV, G, N_Q, N_K, SPLIT, NUM_SPLITS, qk_scale,
+                           H_KV, G, N_Q, N_K, SPLIT, NUM_SPLITS, PARTS, qk_scale,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                            CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
                            SINGLE: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -427,6 +447,7 @@ def _decode_partial_kernel(Q, K, V, KM, Mp, Lp, Ap, Lg, Out, Scores,
     K_base = K + b * skb + hkv.to(tl.int64) * skh
     V_base = V + b * svb + hkv.to(tl.int64) * svh
     KM_base = KM + b * skmb
+    Ap, Mp, Lp, Lg = _workspace(Work, PARTS, BLOCK_D=BLOCK_D)
     Lg_base = Lg + pid_bh.to(tl.int64) * rows * N_K                 # logits [rows, N_K] of this head
     lg_rows = offs_r.to(tl.int64)[:, None] * N_K
     m_i = tl.full([BLOCK_R], -1.0e30, tl.float32)
@@ -456,10 +477,10 @@ def _decode_partial_kernel(Q, K, V, KM, Mp, Lp, Ap, Lg, Out, Scores,
         tl.store(Ap + (part + offs_r)[:, None] * BLOCK_D + offs_d[None, :], acc)
 
 
-@triton.jit(do_not_specialize=["H_KV", "G", "N_Q", "N_K", "NUM_SPLITS", "skmb"])
-def _decode_reduce_kernel(Mp, Lp, Ap, Lg, KM, Out, Scores,
+@triton.jit(do_not_specialize=["H_KV", "G", "N_Q", "N_K", "NUM_SPLITS", "PARTS", "skmb"])
+def _decode_reduce_kernel(Work, KM, Out, Scores,
                           sob, soh, som, sod, skmb, skmn,
-                          H_KV, G, N_Q, N_K, NUM_SPLITS,
+                          H_KV, G, N_Q, N_K, NUM_SPLITS, PARTS,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                           BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per BLOCK_N keys (many programs, one step each: a loop over the keys of a whole split
@@ -469,6 +490,7 @@ def _decode_reduce_kernel(Mp, Lp, Ap, Lg, KM, Out, Scores,
     b = (pid_bh // H_KV).to(tl.int64)
     hkv = pid_bh % H_KV
     rows = G * N_Q
+    Ap, Mp, Lp, Lg = _workspace(Work, PARTS, BLOCK_D=BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < rows                                            # row tail
     offs_s = tl.arange(0, BLOCK_S)
@@ -503,11 +525,12 @@ _COMPILED = {}                # (kernel, device, warps, stages, constexprs, arg 
 
 
 def _arg_spec(a):
-    """What triton specialises a launch argument on (a finer key is safe: it only adds cache entries)."""
+    """What triton specialises a launch argument on (a finer key is safe: it only adds cache entries):
+    a tensor's dtype and 16-byte alignment; an int's == 1, divisibility by 16 and 32-bit range."""
+    if type(a) is int:
+        return (a == 1) + 2 * (a & 15 == 0) + 4 * (a >= 2 ** 31)
     if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0
-    if isinstance(a, int):
-        return a == 1, a % 16 == 0, -2 ** 31 <= a < 2 ** 31
+        return a.dtype, a.data_ptr() & 15 == 0
     return type(a)
 
 
@@ -583,7 +606,7 @@ def _fwd_triton(q, k, v, key_mask, qk_scale, causal, tile=None):
 
     def launch(t):
         bm, bn, warps, stages = t
-        _launch(_fwd_kernel, (triton.cdiv(nq, bm), b * hq),
+        _launch(_fwd_kernel, (_cdiv(nq, bm), b * hq),
                 (q, k, v, km, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), skmb, skmn,
                  hq, hq // hkv, nq, nk, qk_scale), warps, stages,
                 HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, HAS_MASK=has_mask, PREC=_prec(q.dtype),
@@ -623,7 +646,7 @@ def _scores_triton(q, k, key_mask, lse, qk_scale, causal, tile=None, head_splits
         bm, bn, warps, stages = t
         shape = (b, hkv, nk) if splits == 1 else (b, hkv, splits, nk)
         scores = torch.empty(shape, dtype=torch.float32, device=q.device)
-        _launch(_score_kernel, (triton.cdiv(nk, bn), b * hkv * splits),
+        _launch(_score_kernel, (_cdiv(nk, bn), b * hkv * splits),
                 (q, k, km, lse, scores, *q.stride(), *k.stride(), skmb, skmn, hq, hkv, g, g // splits, nq, nk,
                  qk_scale), warps, stages,
                 HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, HAS_MASK=has_mask, PREC=_prec(q.dtype),
@@ -634,7 +657,7 @@ def _scores_triton(q, k, key_mask, lse, qk_scale, causal, tile=None, head_splits
         tile = _tile("score", q, block_d, (_shape_class(nq), _shape_class(nk), causal, has_mask),
                      lambda t: launch(t, 1))
     if head_splits is None:
-        head_splits = g if g > 1 and triton.cdiv(nk, tile[1]) * b * hkv < _device(q)[1] else 1
+        head_splits = g if g > 1 and _cdiv(nk, tile[1]) * b * hkv < _device(q)[1] else 1
     return launch(tile, head_splits)
 
 
@@ -665,7 +688,7 @@ def _decode(q, k, v, scale, causal, key_mask, tile=None):
     hkv, nk = k.shape[1], k.shape[2]
     g = hq // hkv
     rows = g * nq
-    block_r = max(16, triton.next_power_of_2(rows))
+    block_r = max(16, _next_pow2(rows))
     block_d = _block_d(d)
     sms = _device(q)[1]
     km, skmb, skmn, has_mask = _mask_args(key_mask, k)
@@ -675,25 +698,23 @@ def _decode(q, k, v, scale, causal, key_mask, tile=None):
 
     def launch(t):
         block_n, warps, stages, per_sm = t
+        if block_r > 16:    # tiles are measured at 16 rows; 128 keys x 64 rows gave wrong results on an H100
+            block_n = min(block_n, 64)
         want = max(1, per_sm * sms // (b * hkv))                    # programs to fill the GPU
-        split = triton.cdiv(max(triton.cdiv(nk, want), _MIN_SPLIT), block_n) * block_n   # splits never overlap
-        splits = triton.cdiv(nk, split)
-        partials = b * hkv * splits * block_r if splits > 1 else 0
-        work = torch.empty(partials * (block_d + 2) + b * hkv * rows * nk, dtype=torch.float32, device=q.device)
-        ap = work[:partials * block_d]                              # accumulators [B*Hkv, S, R, D]
-        mp = work[partials * block_d:partials * (block_d + 1)]      # running max  [B*Hkv, S, R]
-        lp = work[partials * (block_d + 1):partials * (block_d + 2)]   # running sum  [B*Hkv, S, R]
-        lg = work[partials * (block_d + 2):]                        # logits       [B*Hkv, R, Nk]
+        split = _cdiv(max(_cdiv(nk, want), _MIN_SPLIT), block_n) * block_n   # splits never overlap
+        splits = _cdiv(nk, split)
+        parts = b * hkv * splits * block_r if splits > 1 else 0    # one (batch, KV head, split, row) each
+        work = torch.empty(parts * (block_d + 2) + b * hkv * rows * nk, dtype=torch.float32, device=q.device)
         _launch(_decode_partial_kernel, (splits, b * hkv),
-                (q, k, v, km, mp, lp, ap, lg, out, scores, *q.stride(), *k.stride(), *v.stride(), skmb, skmn,
-                 *out.stride(), hkv, g, nq, nk, split, splits, qk_scale), warps, stages,
+                (q, k, v, km, work, out, scores, *q.stride(), *k.stride(), *v.stride(), skmb, skmn,
+                 *out.stride(), hkv, g, nq, nk, split, splits, parts, qk_scale), warps, stages,
                 HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, CAUSAL=causal, HAS_MASK=has_mask,
                 PREC=_prec(q.dtype), SINGLE=splits == 1, BLOCK_N=block_n)
         if splits > 1:
             red_n = _reduce_block_n(block_r)
-            _launch(_decode_reduce_kernel, (triton.cdiv(nk, red_n), b * hkv),
-                    (mp, lp, ap, lg, km, out, scores, *out.stride(), skmb, skmn, hkv, g, nq, nk, splits), 4, 3,
-                    HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_S=max(16, triton.next_power_of_2(splits)),
+            _launch(_decode_reduce_kernel, (_cdiv(nk, red_n), b * hkv),
+                    (work, km, out, scores, *out.stride(), skmb, skmn, hkv, g, nq, nk, splits, parts), 4, 3,
+                    HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_S=max(16, _next_pow2(splits)),
                     HAS_MASK=has_mask, BLOCK_N=red_n)
 
     launch(tile or _tile("decode", q, block_d, (_shape_class(nk), b * hkv, block_r), launch))
