@@ -27,6 +27,8 @@ Kernels (NOTES.md has the design and the measurements):
 Tiles are fixed ahead of time per (GPU compute capability, kernel, head-dim class, dtype class) in _TILES,
 as FlashAttention does: a call never autotunes. CAB_AUTOTUNE=1 in the environment (read on import) times
 the candidate tiles on the first call of each shape class instead (bench.py --autotune prints a table).
+Lengths are not specialised on, so a new prompt length reuses the compiled kernels, and after its first
+launch a compiled kernel is launched directly (_launch), without triton's per-call argument binding.
 
 On a machine without CUDA this runs under the Triton interpreter (TRITON_INTERPRET=1 set before triton is
 imported), slowly and with 16-wide tiles; that is what CI's tests use.
