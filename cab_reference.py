@@ -1244,7 +1244,7 @@ def _check_library_mask(mask, key_mask, nq, nk):
                          "cab attention supports plain causal decoder masks only")
 
 
-def find_head_group(module, key, head_group=None):
+def find_head_group(module, query, key, head_group=None):
     """The head group of this attention call: None when this rank holds all of the layer's KV heads;
     otherwise head_group as given or, under transformers' tp_plan, the tensor-parallel process group of
     the mesh that the module's sharded (DTensor) weights live on."""
@@ -1252,6 +1252,12 @@ def find_head_group(module, key, head_group=None):
     total = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
     local = key.shape[1]
     if total is None or local == total:
+        query_heads = getattr(config, "num_attention_heads", None)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and query_heads is not None and query.shape[1] != query_heads:
+            raise ValueError(f"head_group: this rank holds all {local} KV heads but {query.shape[1]} of the "
+                             f"{query_heads} query heads (more ranks than KV heads?): each key's score would "
+                             f"miss the other ranks' query heads; use at most {local} tensor-parallel ranks")
         return head_group
     if head_group is None:
         meshes = [p.device_mesh for p in module.parameters() if hasattr(p, "device_mesh")]
@@ -1285,7 +1291,7 @@ def make_attention_interface(attention_fn: AttentionFn, *, validate: bool = Fals
             key_mask = layer.key_mask()
         try:
             if layer is not None and layer.budget is None:       # the prompt: whose heads are these?
-                layer.loop.head_group = find_head_group(module, key, layer.loop.head_group)
+                layer.loop.head_group = find_head_group(module, query, key, layer.loop.head_group)
             if mask is not None and (layer is None or layer.budget is None):
                 _check_library_mask(mask, key_mask, nq, nk)
             out, scores = attention_fn(query, key, value, scale=scaling, causal=True, key_mask=key_mask,
