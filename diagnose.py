@@ -1123,7 +1123,7 @@ class Clock:
     def summary(self, device) -> str:
         s = self.seconds()
         return (f"in {duration(s['run'])} after a {duration(s['load'])} model load (total {duration(s['total'])}) "
-                f"on {device}, {torch.get_num_threads()} CPU threads")
+                f"on {device}, {torch.get_num_threads()} CPU thread{'s' if torch.get_num_threads() > 1 else ''}")
 
 
 def run(argv=None, model_and_tokenizer=None):
