@@ -8,7 +8,7 @@ wait), then with tp_plan="auto" on every rank. Each runs the prompt once (prefil
 greedy decode steps (plain forward calls after 3 warm-ups, as bench.py's forward_step_ms), with
   dense              SDPA + the library's DynamicCache
   cab 90% per-head   cab_fast attention + cab_fast.CabCache, sparsity 0.9: no communication of ours
-  cab 90% per-layer  the same, per_head=False: one all-reduce of [B, 1, C] scores per layer and cut
+  cab 90% per-layer  the same, per_head=False: an all-reduce of the head-summed scores at every cut
 Reported: prefill seconds, decode tokens/s, and per GPU (the largest over the ranks) the KV cache it
 holds (the cache's key and value tensors) and the peak memory allocated during the run beyond the
 weights. Exits 0 with a message on fewer than two GPUs. --smoke runs the script itself on CPU processes
