@@ -42,6 +42,7 @@ from testkit import (
     question_mask,
     random_context,
     tiny_model,
+    word_tokenizer,
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -680,16 +681,6 @@ def test_beam_search_reorders_the_cache(policy):
 
 # ----------------------------------------------------------------------------------------------------
 # 7. Question spans from text
-
-def word_tokenizer(texts):
-    """A whitespace word-level fast tokenizer over the words of `texts` (offset mappings, no download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    words = sorted({w for text in texts for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)})
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]"] + words)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
-
 
 def test_token_span_from_offsets():
     offsets = [(0, 0), (0, 3), (3, 4), (5, 9), (9, 9), (10, 14)]       # special (0, 0); empty (9, 9)

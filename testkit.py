@@ -4,7 +4,7 @@
   oracle       oracle_attention: float64, one query head at a time, written from the definitions
   hypothesis   examples(count), SLOW: derandomised settings with a fixed example budget
   models       tiny_model, prompts, generate, forward, CACHE_KWARG (the cache keyword of the installed
-               transformers), Spy (records what every attention call saw)
+               transformers), word_tokenizer (offsets without a download), Spy (records every attention call)
   policies     policy_cases (every policy in POLICY_TYPES, CAB-like ones in every bridge mode),
                random_context (the evidence a policy ranks by), protected / promised (what a policy
                promises to keep: the keep-promise arithmetic, once per policy)
@@ -102,41 +102,44 @@ CACHE_KWARG = _cache_keyword()
 VOCAB = 96
 
 
-def tiny_model(family="llama", seed=0, layers=2):
-    """A random Llama or Qwen2 (64 wide, 4 query heads, 2 KV heads) with sharpened attention, eval mode,
-    greedy generation that never stops early."""
+def tiny_model(family="llama", seed=0, layers=2, vocab=VOCAB, sharpen=4.0, device="cpu"):
+    """A random Llama or Qwen2 (64 wide, 4 query heads, 2 KV heads) with attention sharpened by scaling
+    the q and k projections (a random init attends almost uniformly), eval mode, greedy generation that
+    never stops early (compare every step)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
     cls_config, cls_model = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
-    config = cls_config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+    config = cls_config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    model = cls_model(config).eval()
-    with torch.no_grad():                      # sharper attention than a random init's near-uniform one
+    model = cls_model(config).to(device).eval()
+    with torch.no_grad():
         for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
-            layer.self_attn.k_proj.weight.mul_(4.0)
+            layer.self_attn.q_proj.weight.mul_(sharpen)
+            layer.self_attn.k_proj.weight.mul_(sharpen)
     model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None          # never stop early: compare every step
+    model.generation_config.eos_token_id = None
     return model
 
 
-def prompts(batch, n=20, seed=1, pad=6):
-    """Random token ids [B, n] and attention mask; with batch 2, row 1 is left-padded by `pad` tokens."""
+def prompts(batch, n=20, seed=1, pad=6, vocab=VOCAB, device="cpu"):
+    """Random token ids [B, n] (3 .. vocab - 1) and attention mask; rows after the first are left-padded
+    by `pad` tokens (id 0)."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (batch, n), generator=g)
+    ids = torch.randint(3, vocab, (batch, n), generator=g)
     mask = torch.ones(batch, n, dtype=torch.long)
-    if batch == 2:
-        ids[1, :pad] = 0
-        mask[1, :pad] = 0
-    return ids, mask
+    ids[1:, :pad] = 0
+    mask[1:, :pad] = 0
+    return ids.to(device), mask.to(device)
 
 
-def generate(model, impl, ids, mask, cache=None, steps=12):
-    """Greedy generate with attn_implementation=impl; returns (sequences, logits [B, steps, vocab])."""
+def generate(model, impl, ids, mask, cache=None, steps=12, **kwargs):
+    """Greedy generate with attn_implementation=impl (extra kwargs go to generate, e.g.
+    stopping_criteria); returns (sequences, logits [B, steps, vocab])."""
     model.set_attn_implementation(impl)
-    kwargs = {} if cache is None else {CACHE_KWARG: cache}
+    if cache is not None:
+        kwargs[CACHE_KWARG] = cache
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
                              output_scores=True, return_dict_in_generate=True, **kwargs)
@@ -147,6 +150,17 @@ def forward(model, ids, cache, **kwargs):
     """One plain forward through `cache` (a manual decode step); returns the logits."""
     with torch.no_grad():
         return model(ids, **{CACHE_KWARG: cache}, **kwargs).logits
+
+
+def word_tokenizer(texts):
+    """A whitespace word-level fast tokenizer over the words of `texts` ([UNK] = 0): offset mappings and
+    a chat-free prompt without downloading anything."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = sorted({w for text in texts for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)})
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]"] + words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
 
 
 class Spy:
