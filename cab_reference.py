@@ -232,6 +232,7 @@ class Prompt(NamedTuple):
     question_mask: torch.Tensor | None  # [B, N] bool, True = the question's tokens (CabCache's question_span)
     attention_fn: AttentionFn          # cab_reference.attention or its fast twin
     head_group: object = None          # the ranks holding the layer's other KV heads (see head_sum)
+    token_ids: torch.Tensor | None = None  # [B, N] int64 the prompt's token ids (CabCache(token_ids=...)) or None
 
 
 def _check_int(name, value, least):
@@ -746,10 +747,153 @@ class MatchSpan(Policy):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Fixes for questions that do not share the answer's words (issue 11): sentence matching, a second
+# matching round through the bridge entity, and query-agnostic keeping of a context's distinctive facts.
+
+def sentence_index(token_ids, boundary_ids, segment):
+    """Sentence number of every token [B, N] int64: a token ending a sentence (its id in boundary_ids)
+    belongs to that sentence, the next token starts a new one. Without token ids or boundary ids,
+    fixed segments of `segment` tokens instead (a sentence may then be cut in two)."""
+    if token_ids is None or not boundary_ids:
+        return None
+    ends = torch.isin(token_ids, torch.tensor(boundary_ids, device=token_ids.device))   # (B, N)
+    return ends.long().cumsum(-1) - ends.long()                              # (B, N)
+
+
+def sentence_end_ids(tokenizer) -> tuple:
+    """The ids of the tokens that end a sentence: their text, stripped, ends in ".", "?" or "!" (".",
+    "?", ").", ".\n", ...). For SentenceMatch(boundary_ids=sentence_end_ids(tokenizer))."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return tuple(i for i, text in enumerate(texts) if text.rstrip().endswith((".", "?", "!")))
+
+
+def fixed_segments(b, n, segment, device):
+    return (torch.arange(n, device=device) // segment).expand(b, n)         # (B, N)
+
+
+def word_match(vn, query, candidates, threshold):
+    """IDF-weighted word identity of every key with a set of query tokens, as question_match:
+        m[j, i] = relu((cos(v_j, v_i) - threshold) / (1 - threshold)),  match[j] = sum_i m[j, i] / (1 + sum_j' m[j', i])
+    over query tokens i (query [N] bool) and candidate keys j (candidates [N] bool); 0 elsewhere.
+    vn [Hkv, N, D] unit-norm first-layer values of one batch row; cosines averaged over KV heads. [N]."""
+    cols = query.nonzero().squeeze(-1)                                       # (Q,)
+    cos = (vn @ vn[:, cols].mT).mean(0)                                      # (N, Q)
+    m = ((cos - threshold) / (1.0 - threshold)).clamp_min(0.0) * candidates[:, None]
+    return (m / (1.0 + m.sum(0, keepdim=True))).sum(-1)                     # (N,)
+
+
+def sentence_sums(x, sentence):
+    """Every token gets the sum of x over its sentence. x [N] float, sentence [N] int64."""
+    total = x.new_zeros(int(sentence.max()) + 1).index_add_(0, sentence, x)
+    return total[sentence]                                                   # (N,)
+
+
+def hop_sentences(v, question_mask, sentence, key_mask, threshold, hops):
+    """The sentence-match evidence of SentenceMatch: per key, a priority [B, N] in which the sentence
+    matching the question best (hop 1) ranks above the sentence found from it (hop 2), ... above every
+    other sentence, ranked by its best match in any round (scaled to [0, 1])."""
+    b, _, n, _ = v.shape
+    vn = F.normalize(v.float(), dim=-1)                                      # (B, Hkv, N, D)
+    positions = torch.arange(n, device=v.device)
+    priority = torch.zeros(b, n, device=v.device)
+    for row in range(b):
+        qm = question_mask[row]
+        if not bool(qm.any()):
+            continue
+        candidates = positions < int(qm.nonzero()[0])                        # keys before the question
+        if key_mask is not None:
+            candidates = candidates & key_mask[row]
+        sid = sentence[row]
+        query, best, chosen = qm, torch.zeros(n, device=v.device), torch.zeros(n, dtype=torch.bool, device=v.device)
+        for hop in range(hops):
+            match = word_match(vn[row], query, candidates & ~chosen, threshold)
+            per_sentence = sentence_sums(match, sid) * (candidates & ~chosen)
+            if float(per_sentence.max()) <= 0:
+                break
+            best = torch.maximum(best, per_sentence / per_sentence.max())
+            found = (sid == sid[int(per_sentence.argmax())]) & candidates
+            priority[row] += (hops - hop + 1) * found
+            repeats_query = word_match(vn[row], query, found, threshold) > 0  # words the last query had
+            query, chosen = found & ~repeats_query, chosen | found           # the new words: the bridge
+            if not bool(query.any()):
+                break
+        priority[row] += best
+    return priority
+
+
+@dataclass(frozen=True)
+class SentenceMatch(Policy):
+    """Keep whole sentences: the one sharing the question's rarest words, then the one sharing the
+    *new* words of that sentence (the bridge entity), and so on for `hops` rounds.
+
+    Fixes two failures of MatchSpan (issue 11, bridge_suite.jsonl / paraphrase_suite.jsonl):
+    - bridge questions ("What is the home town of the architect of the Harlow Bridge?"): the answer's
+      sentence ("Mira Ostrand grew up in Telsby ...") shares no word with the question, only the bridge
+      entity named in the sentence that does ("The Harlow Bridge was designed by Mira Ostrand."). Round
+      two queries with the tokens of the hop-1 sentence that are not question words, so the bridge
+      entity's other occurrence is found wherever it stands (before or after, any distance).
+    - paraphrased predicates ("Where is Orlin Foods based?" for "Orlin Foods has its headquarters in the
+      old harbour district of Dunmore."): the entity matches, and the answer, several words past it, is
+      in the same sentence, which is kept whole instead of a fixed radius around the match.
+    Word identity is first-layer values, as question_match, but with threshold 0.9: a first-layer value
+    is a function of the token alone (identical tokens have cosine 1), while unrelated tokens reach
+    0.5-0.75 ("architect" vs " choir" 0.71), which at MatchSpan's 0.5 made every word match.
+    Sentences end at tokens in `boundary_ids` (e.g. sentence_end_ids(tokenizer)), read from the prompt's
+    token ids (CabCache(token_ids=...)); without them, fixed segments of `segment` tokens.
+    Priority: hop-1 sentence > hop-2 sentence > ... > every other sentence by its best match in any round.
+    Parts: `sinks` first tokens, recent_ratio of K most recent tokens, the rest by that priority.
+    Without a question it ranks the rest by accumulated score (H2O with sinks), as MatchSpan.
+    Still fails: a bridge entity that is written differently in its two sentences (a pronoun, "the
+    architect"); a hop-1 sentence won by a distractor sharing more question words; long sentences at a
+    small budget (the hop-2 sentence is then kept only in part, its later tokens first).
+    Cost: no extra forward; one N x Q and `hops` N x S cosine products on the first layer's values."""
+    name: ClassVar[str] = "sentence_match"
+    sinks: int = 1
+    recent_ratio: float = 0.2
+    threshold: float = 0.9         # cos(v_j, v_i) above which key j is "the same word" as query token i
+    hops: int = 2                  # matching rounds: 1 = the question's sentence only, 2 = + the bridge's
+    boundary_ids: tuple = ()       # token ids that end a sentence (needs the prompt's token ids)
+    segment: int = 16              # sentence stand-in without boundaries: fixed segments of this many tokens
+
+    def __post_init__(self):
+        _check_int("sinks", self.sinks, 0)
+        _check_fraction("recent_ratio", self.recent_ratio)
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                or not -1.0 <= self.threshold < 1.0:
+            raise ValueError(f"threshold: expected a value in [-1, 1), got {self.threshold!r}")
+        _check_int("hops", self.hops, 1)
+        if not isinstance(self.boundary_ids, tuple) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.boundary_ids):
+            raise ValueError(f"boundary_ids: expected a tuple of token ids (ints >= 0), got {self.boundary_ids!r}")
+        _check_int("segment", self.segment, 1)
+
+    def evidence(self, prompt):
+        if prompt.question_mask is None:
+            return {}
+        b, h, n, _ = prompt.v.shape
+        sentence = sentence_index(prompt.token_ids, self.boundary_ids, self.segment)
+        if sentence is None:
+            sentence = fixed_segments(b, n, self.segment, prompt.v.device)
+        priority = hop_sentences(prompt.v, prompt.question_mask, sentence, prompt.key_mask, self.threshold, self.hops)
+        return {"sentence_match": priority[:, None, :].expand(b, h, n).contiguous()}
+
+    def layer_pooling(self):
+        return {"sentence_match": 1}   # the first layer's values: word identity, before any mixing
+
+    def parts(self, scores, k, context):
+        sinks = min(self.sinks, k)
+        recent = min(k - sinks, max(1, int(k * self.recent_ratio)))
+        head = [Part("sink", sinks, -recency(scores)), Part("recent", recent, recency(scores))]
+        priority = context.get("sentence_match")
+        return head + [Part("sentences" if priority is not None else "heavy", k - sinks - recent,
+                            scores if priority is None else priority)]
+
+
+# ----------------------------------------------------------------------------------------------------
 # 5. Choosing: EvictionConfig and select_kept
 
 POLICY_TYPES = {cls.name: cls for cls in (Dense, StreamingLLM, H2O, SnapKV, CAB, QuestionAware, Bidirectional,
-                                          Delayed, DynamicLocal, HybridSemantic, MatchSpan)}
+                                          Delayed, DynamicLocal, HybridSemantic, MatchSpan, SentenceMatch)}
 
 
 def register_policy(cls):
@@ -952,12 +1096,12 @@ def question_mask_from_spans(spans, batch: int, n: int, device=None):
 
 
 def prompt_evidence(q, k, v, config: EvictionConfig, *, scale=None, key_mask=None, question_mask=None,
-                    attention_fn: AttentionFn = attention, head_group=None):
+                    attention_fn: AttentionFn = attention, head_group=None, token_ids=None):
     """The evidence config.policy ranks by, as keyword arguments for select_kept."""
     policy = config.policy
     if policy.needs_question and question_mask is None:
         raise ValueError(f"question_span: policy {policy.name!r} needs the question's token positions")
-    return policy.evidence(Prompt(q, k, v, scale, key_mask, question_mask, attention_fn, head_group))
+    return policy.evidence(Prompt(q, k, v, scale, key_mask, question_mask, attention_fn, head_group, token_ids))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1062,12 +1206,14 @@ class EvictionLoop:
     generated token); each later forward evicts back to the budget once the cache holds evict_every
     tokens more than it (1: every step, so the cache stays at the budget).
     head_group: the process group over which tensor parallelism splits each layer's KV heads (head_sum);
-    None for one process, and the transformers adapter finds it from the model's sharded weights."""
+    None for one process, and the transformers adapter finds it from the model's sharded weights.
+    token_ids [B, N] (or [N]) int64: the prompt's token ids, for policies that read them (SentenceMatch's
+    sentence boundaries); None when not given."""
 
     layer_type = LayerState
 
     def __init__(self, config: EvictionConfig | None = None, *, question_span=None, evict_every: int = 1,
-                 record: bool = False, head_group=None):
+                 record: bool = False, head_group=None, token_ids=None):
         self.config = EvictionConfig() if config is None else config
         if not isinstance(self.config, EvictionConfig):
             raise TypeError(f"config: expected an EvictionConfig, got {type(self.config).__name__}")
@@ -1076,7 +1222,11 @@ class EvictionLoop:
                                            and isinstance(head_group, torch.distributed.ProcessGroup)):
             raise TypeError(f"head_group: expected a torch.distributed.ProcessGroup or None, "
                             f"got {type(head_group).__name__}")
+        if token_ids is not None and (not isinstance(token_ids, torch.Tensor) or token_ids.dtype != torch.int64
+                                      or token_ids.dim() not in (1, 2)):
+            raise ValueError(f"token_ids: expected an int64 tensor [B, N] or [N], got {token_ids!r:.80}")
         self.question_span = question_span
+        self.token_ids = token_ids
         self.evict_every = evict_every
         self.record = record
         self.head_group = head_group
@@ -1125,13 +1275,22 @@ class EvictionLoop:
         question_mask = question_mask_from_spans(self.question_span, b, n, keys.device)
         evidence = prompt_evidence(q, keys, values, self.config, scale=scale, key_mask=layer.key_mask(),
                                    question_mask=question_mask, attention_fn=attention_fn,
-                                   head_group=self.head_group)
+                                   head_group=self.head_group, token_ids=self._prompt_token_ids(b, n, keys.device))
         if question_mask is not None:
             evidence["question_mask"] = question_mask[:, None, :].expand(b, h, n)
         for name, layers in self.config.policy.layer_pooling().items():
             if name in evidence:
                 evidence[name] = self.pooled(name, evidence[name], layers)
         return evidence
+
+    def _prompt_token_ids(self, b, n, device):
+        """token_ids as [B, N] on the keys' device, or None; their length must be the prompt's."""
+        if self.token_ids is None:
+            return None
+        ids = self.token_ids.expand(b, -1) if self.token_ids.dim() == 1 else self.token_ids
+        if tuple(ids.shape) != (b, n):
+            raise ValueError(f"token_ids: expected [B, N] = [{b}, {n}] (the prompt), got {tuple(self.token_ids.shape)}")
+        return ids.to(device)
 
     def pooled(self, name, value, layers):
         """The mean of `name` over the first `layers` layers that offered it, in the order the layers
@@ -1218,10 +1377,10 @@ class CabCache(EvictionLoop, Cache):
     layer_type = CabLayer
 
     def __init__(self, config: EvictionConfig | None = None, *, question_span=None, evict_every: int = 1,
-                 record: bool = False, head_group=None):
+                 record: bool = False, head_group=None, token_ids=None):
         Cache.__init__(self, layers=[])
         EvictionLoop.__init__(self, config, question_span=question_span, evict_every=evict_every, record=record,
-                              head_group=head_group)
+                              head_group=head_group, token_ids=token_ids)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if layer_idx == 0:
