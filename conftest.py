@@ -4,6 +4,8 @@
   triton is first imported, and importing cab_reference imports triton (through transformers), so it is
   set here, before any test module is collected.
 - `--slow` runs the tests marked `slow` (long hypothesis runs); they are skipped by default.
+- Helpers shared by the test files (oracle, tiny models, policy cases and keep promises, near ties,
+  the bad-input table) are plain functions in testkit.py, imported where used.
 """
 
 import os
