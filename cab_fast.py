@@ -776,6 +776,7 @@ from transformers import AttentionInterface  # noqa: E402  (the adapter's import
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
 _CUT_ELEMENTS = 1 << 24       # a cut ranks at most this many slots at once (its temporaries scale with it)
+_CUT_GRAPHS = True            # eager decoding replays each cut from a CUDA graph of itself (see SlotBank.cut_all)
 
 
 class SlotBank:
@@ -811,6 +812,7 @@ class SlotBank:
         self.next_position = torch.full((), first.seen, dtype=torch.int64, device=dev)
         self.next_slot = self.free[..., :1].clone()
         self.members = [None] * n_layers
+        self.cut_graph = None      # see cut_all
 
     def _fill(self, name):
         return self.loop.config.policy.fill_value(name)
@@ -843,16 +845,35 @@ class SlotBank:
         self.live += 1
         self.next_position.add_(1)
         if self.live - self.budget >= self.loop.evict_every:
-            for start in range(0, len(self.members), self._layers_per_cut()):
-                self.cut(slice(start, start + self._layers_per_cut()))
+            self.cut_all()
             self.live = self.budget
-            self.cursor.zero_()
         else:
             self.cursor.add_(1)
-        self.next_slot.copy_(self.free.gather(-1, self.cursor.expand(self.next_slot.shape)))
+            self.next_slot.copy_(self.free.gather(-1, self.cursor.expand(self.next_slot.shape)))
 
-    def _layers_per_cut(self):
-        return max(1, _CUT_ELEMENTS // self.scores[0].numel())
+    def cut_all(self):
+        """Cut every layer, then point them at the first freed slot. A cut is a hundred-odd small launches
+        (the reference's selection), which in eager decoding cost more host time than the whole step's
+        GPU work; with the same shapes at every cut, the first cut runs eagerly (warming up) and is then
+        captured once into a CUDA graph that the later cuts replay (on a CUDA device, when the cut fits in
+        one piece of _CUT_ELEMENTS slots and is not itself being captured by a caller's graph)."""
+        if self.cut_graph is not None and not torch.cuda.is_current_stream_capturing():
+            self.cut_graph.replay()
+            return
+        self._cut_eagerly()
+        per_cut = max(1, _CUT_ELEMENTS // self.scores[0].numel())
+        if _CUT_GRAPHS and self.keys.is_cuda and per_cut >= len(self.members) and self.loop.head_group is None \
+                and not torch.cuda.is_current_stream_capturing():
+            self.cut_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.cut_graph):          # recorded, not run: the cut above did the work
+                self._cut_eagerly()
+
+    def _cut_eagerly(self):
+        per_cut = max(1, _CUT_ELEMENTS // self.scores[0].numel())
+        for start in range(0, len(self.members), per_cut):
+            self.cut(slice(start, start + per_cut))
+        self.cursor.zero_()
+        self.next_slot.copy_(self.free.gather(-1, self.cursor.expand(self.next_slot.shape)))
 
     def cut(self, layers):
         """Evict every layer of `layers` (a slice) back to the budget: the reference's `choose` on the slots
@@ -860,17 +881,20 @@ class SlotBank:
         config, budget = self.loop.config, self.budget
         positions = self.positions[layers]                                   # (l, B, Hkv, C), all live
         order = positions.argsort(dim=-1)                                    # slots in position order
-        by_position = lambda t: t[layers].gather(-1, order).flatten(0, 1)    # (l * B, Hkv, C)
+
+        def by_position(t):
+            return t[layers].gather(-1, order).flatten(0, 1)                 # (l * B, Hkv, C)
         context = {name: by_position(t) for name, t in self.evidence.items()}
         context["key_mask"] = by_position(self.valid)
         selection = _ref.choose(by_position(self.scores), budget, config.policy, config.per_head, context,
-                           self.loop.head_group)
+                                self.loop.head_group)
         evicted = order.gather(-1, selection.order[..., budget:].reshape(order.shape[:-1] + (-1,)))  # (l, B, Hkv, E)
         e = evicted.shape[-1]
         self.free[layers, ..., :e] = evicted
         self.scores[layers].scatter_(-1, evicted, 0.0)
         self.valid[layers].scatter_(-1, evicted, False)
-        positions.scatter_(-1, evicted, (self.next_position + torch.arange(e, device=evicted.device)).expand_as(evicted))
+        upcoming = self.next_position + torch.arange(e, device=evicted.device)   # the next tokens' positions
+        positions.scatter_(-1, evicted, upcoming.expand_as(evicted))
         for name, t in self.evidence.items():
             t[layers].scatter_(-1, evicted, self._fill(name))
 
