@@ -372,6 +372,30 @@ def e2e_prefill_and_eager(model, n, steps=32):
     return rows
 
 
+def e2e_dense_step_check(model, n, steps=16, top=10):
+    """The dense eager step three ways on one DynamicCache: a loop that never syncs (as _eager_steps_ms),
+    a loop that syncs after every step (as generate() does), and torch.profiler's top operators by device
+    time over 4 unsynchronised steps."""
+    from torch.profiler import ProfilerActivity, profile
+    make = _side(model, "dense")
+    with torch.no_grad():
+        cache = make()
+        token = _prefill(model, _prompt(1, n), cache)
+        free_ms = _eager_steps_ms(model, cache, token, steps)
+
+        def synced_steps(token):
+            for _ in range(steps):
+                token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+                torch.cuda.synchronize()
+        seconds, _ = _synced(lambda: synced_steps(token))
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            _eager_steps_ms(model, cache, token, steps=4, warmup=0)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=top)
+    cache = None
+    torch.cuda.empty_cache()
+    return {"no_sync_ms": free_ms, "synced_ms": seconds / steps * 1e3, "profile": table}
+
+
 def e2e_generate(model, n, new_tokens=33):
     """generate() ms per token, B=1: (generate(new_tokens) - generate(1)) / (new_tokens - 1)."""
     ids = _prompt(1, n)
@@ -502,7 +526,7 @@ def e2e_capacity(model, n, new_tokens=16, reserve_gib=(3.0, 6.0), evict_every=64
                     row["step_ms"] = _eager_steps_ms(model, cache, token, steps=4, warmup=1)
                 else:
                     cache = _evicting(evict_every, budget=budget)
-                    token = _prefill(model, _prompt(batch, 16), cache)
+                    token = _prefill(model, _prompt(batch, 1), cache)
                     for _ in range(2):                                        # the second one timed
                         _as_if_cut(cache, n, slots - 1)                       # the next step cuts
                         seconds, _ = _synced(lambda: model(token, past_key_values=cache))
@@ -533,6 +557,10 @@ def bench_end_to_end(n=32768, layers=16, say=print):
         label = "dense SDPA + DynamicCache" if impl == "dense" else f"eviction, evict_every={e}"
         say(f"{label:<34} {v['prefill_s']:>9.3f} {v['prefill_s'] / dense['prefill_s']:>8.2f} {v['step_ms']:>8.2f} "
             f"{v['step_ms'] / dense['step_ms']:>8.2f} {v['kv_mib']:>8.1f}", flush=True)
+    c = e2e_dense_step_check(model, n)
+    _row("e2e_dense_step_check", **c)
+    say(f"dense eager step again: no sync {c['no_sync_ms']:.2f} ms, synced every step {c['synced_ms']:.2f} ms; "
+        f"profiler over 4 unsynchronised steps:\n{c['profile']}", flush=True)
     g = e2e_generate(model, n)
     _row("e2e_generate", **g)
     say(f"generate() ms/token, B=1: dense {g['dense']:.2f}, eviction {g['evict']:.2f} "
