@@ -31,6 +31,7 @@ score over layers and KV heads; kept = how many of the layers x KV heads decisio
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import html as html_lib
 import importlib.util
@@ -39,6 +40,7 @@ import os
 import re
 import string
 import sys
+import textwrap
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -180,13 +182,15 @@ def positive_int(text):
 
 
 def knob_help() -> str:
-    lines = ["policy knobs (--knob POLICY.KNOB=VALUE; defaults shown; each class's docstring in "
-             "cab_reference.py says what its knobs do):"]
+    lines = ["policy knobs (--knob POLICY.KNOB=VALUE, defaults shown; help(cab_reference.CLASS) says what each does;",
+             "boundary_ids, when not given, are the tokenizer's sentence ends, cab_reference.sentence_end_ids):"]
     for name, cls in ref.POLICY_TYPES.items():
         knobs = " ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
-        summary = (cls.__doc__ or "").strip().split("\n")[0]
+        first_sentence = " ".join((cls.__doc__ or "").split()).split(". ")[0].rstrip(".")
         need = " [needs the question]" if cls.needs_question else ""
-        lines.append(f"  {name:<16} {knobs or '(no knobs)'}{need}\n  {'':<16} {cls.__name__}: {summary}")
+        lines.append(f"  {name:<16} {knobs or '(no knobs)'}{need}")
+        lines += textwrap.wrap(f"{cls.__name__}: {first_sentence}.", 100, initial_indent=" " * 19,
+                               subsequent_indent=" " * 19)
     return "\n".join(lines)
 
 
@@ -285,13 +289,37 @@ def parse_knobs(specs) -> dict:
         if knob not in fields:
             raise UsageError(f"--knob {spec}: {name} has no knob {knob!r} "
                              f"(its knobs: {', '.join(fields) or 'none'})")
-        kind = type(fields[knob].default)
-        try:
-            value = {bool: lambda t: {"true": True, "false": False}[t.lower()]}.get(kind, kind)(text)
-        except (ValueError, KeyError):
-            raise UsageError(f"--knob {spec}: expected {kind.__name__} for {name}.{knob}, got {text!r}") from None
-        knobs.setdefault(name, {})[knob] = value
+        knobs.setdefault(name, {})[knob] = knob_value(text, fields[knob].default, spec)
     return knobs
+
+
+def knob_value(text: str, default, spec: str):
+    """TEXT as the type of the knob's default: str as written, bool true/false, else a Python literal
+    (3, 0.5, (198, 13)); the policy's own check then judges the value."""
+    if isinstance(default, str):
+        return text
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false"):
+            raise UsageError(f"--knob {spec}: expected true or false, got {text!r}")
+        return text.lower() == "true"
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = None
+    if isinstance(default, float) and type(value) is int:
+        value = float(value)
+    if default is not None and type(value) is not type(default):
+        raise UsageError(f"--knob {spec}: expected {type(default).__name__}, e.g. {default!r}, got {text!r}")
+    return value
+
+
+def with_tokenizer_knobs(policy, given: dict, tokenizer):
+    """A knob the tokenizer decides, unless --knob set it: the token ids that end a sentence
+    (boundary_ids, SentenceMatch) are the tokenizer's sentence_end_ids."""
+    names = {f.name for f in dataclasses.fields(policy)}
+    if "boundary_ids" in names and "boundary_ids" not in given:
+        return dataclasses.replace(policy, boundary_ids=ref.sentence_end_ids(tokenizer))
+    return policy
 
 
 def check_model_args(args):
@@ -534,7 +562,9 @@ class Engine:
 
     def replay(self, config: EvictionConfig) -> CabCache:
         """The CabCache the glue would hold right after the prefill of the prompt up to its cut."""
-        cache = CabCache(config, question_span=self.prompt.question_span, evict_every=self.evict_every, record=True)
+        cut = self.prompt.cut
+        cache = CabCache(config, question_span=self.prompt.question_span, evict_every=self.evict_every, record=True,
+                         token_ids=self.prompt.ids[:, :cut].to(self.model.device))
         for layer_idx, q, k, v, scale, scores in self.layers:
             cache.update(k, v, layer_idx)
             cache.layers[layer_idx].after_attention(q, scores, scale=scale, attention_fn=self.attention_fn)
@@ -1143,6 +1173,7 @@ def run(argv=None, model_and_tokenizer=None):
     if args.fast:
         import cab_fast
         attention_fn = cab_fast.attention
+    plan.policies = [with_tokenizer_knobs(p, plan.identity["knobs"].get(p.name, {}), tokenizer) for p in plan.policies]
     engine = Engine(model, tokenizer, attention_fn, evict_every=args.evict_every)
     if plan.items is not None:
         return run_suite_command(plan, engine, style, clock)

@@ -125,7 +125,7 @@ BAD_ARGS = [
     (["--knob", "snapkv"], "--knob snapkv: expected POLICY.KNOB=VALUE"),
     (["--knob", "nope.window=3"], "--knob nope.window=3: unknown policy 'nope'"),
     (["--knob", "snapkv.nope=3"], "--knob snapkv.nope=3: snapkv has no knob 'nope' (its knobs: window, pool)"),
-    (["--knob", "snapkv.window=abc"], "--knob snapkv.window=abc: expected int for snapkv.window, got 'abc'"),
+    (["--knob", "snapkv.window=abc"], "--knob snapkv.window=abc: expected int, e.g. 16, got 'abc'"),
     (["--knob", "snapkv.pool=4"], "--knob snapkv: pool: expected an odd width"),
     (["--knob", "cab.bridge=nope"], "--knob cab: bridge:"),
     (["--knob", "snapkv.window=8", "--policy", "h2o"], "--knob snapkv.*: snapkv is not among the policies run"),
@@ -182,6 +182,16 @@ def test_knob_values_reach_the_policy_objects(tmp_path, no_model):
     assert plan.sparsities == [0.5, 0.9]
 
 
+def test_knob_values_take_the_type_of_the_default():
+    assert diagnose.knob_value("198,13", (), "s") == (198, 13) and diagnose.knob_value("(7,)", (), "s") == (7,)
+    assert diagnose.knob_value("1", 0.5, "s") == 1.0 and type(diagnose.knob_value("1", 0.5, "s")) is float
+    assert diagnose.knob_value("TRUE", False, "s") is True
+    assert diagnose.knob_value("curvature", "median", "s") == "curvature"
+    for text, default in (("1.5", 3), ("yes", False), ("[1]", ()), ("abc", 0.5)):
+        with pytest.raises(diagnose.UsageError, match="--knob s: expected"):
+            diagnose.knob_value(text, default, "s")
+
+
 def test_help_lists_every_policys_knobs():
     text = diagnose.build_parser().format_help().split("policy knobs (--knob POLICY.KNOB=VALUE")[1]
     for name, cls in ref.POLICY_TYPES.items():
@@ -209,9 +219,13 @@ def test_ctrl_c_while_loading_prints_no_traceback():
     proc = subprocess_diagnose(["--policy", "h2o"])
     line = proc.stderr.readline()                      # "loading ...": the checks passed
     assert line.startswith("loading")
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    for _ in range(12):                                # Python may drop a signal met inside a finaliser
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=10)    # time to exit: a second signal then would kill it
+            break
+        except subprocess.TimeoutExpired:
+            continue
     assert proc.returncode == 130 and "Traceback" not in err and err.strip().endswith("interrupted")
 
 
@@ -284,6 +298,15 @@ def test_prompt_file_explicit_context_and_knobs(tiny, tmp_path):
                        "--max-new-tokens", "2"], tiny)
     rep = json.loads(out)["policies"][0]
     assert rep["policy"] == "match_span" and rep["sparsity"] == 0.5 and rep["knobs"]["radius"] == 2
+
+
+def test_sentence_ends_come_from_the_tokenizer_unless_given(tiny):
+    _, tokenizer = tiny
+    argv = ["--policy", "sentence_match", "--json", "--max-new-tokens", "1"]
+    rep = json.loads(run_main(argv, tiny)[0])["policies"][0]
+    assert tuple(rep["knobs"]["boundary_ids"]) == ref.sentence_end_ids(tokenizer) != ()
+    rep = json.loads(run_main(argv + ["--knob", "sentence_match.boundary_ids=(5,)"], tiny)[0])["policies"][0]
+    assert rep["knobs"]["boundary_ids"] == [5]
 
 
 def test_single_prompt_after_the_cut_skips_policies_that_need_the_question(tiny):
