@@ -772,14 +772,18 @@ def fixed_segments(b, n, segment, device):
 
 
 def word_match(vn, query, candidates, threshold):
-    """IDF-weighted word identity of every key with a set of query tokens, as question_match:
-        m[j, i] = relu((cos(v_j, v_i) - threshold) / (1 - threshold)),  match[j] = sum_i m[j, i] / (1 + sum_j' m[j', i])
-    over query tokens i (query [N] bool) and candidate keys j (candidates [N] bool); 0 elsewhere.
-    vn [Hkv, N, D] unit-norm first-layer values of one batch row; cosines averaged over KV heads. [N]."""
+    """Word identity of every key with a set of query tokens, each query word shared out among its
+    occurrences:
+        m[j, i] = relu((cos(v_j, v_i) - threshold) / (1 - threshold)),  match[j] = sum_i m[j, i] / max(1, sum_j' m[j', i])
+    over query tokens i (query [N] bool) and candidate keys j (candidates [N] bool); 0 elsewhere. A word
+    found once elsewhere (an entity) gives its sentence 1, a template word shared by c sentences 1 / c
+    each (question_match's 1 / (1 + c) would tie a two-token entity with a three-word template shared
+    by one other sentence). vn [Hkv, N, D] unit-norm first-layer values of one batch row; cosines
+    averaged over this rank's KV heads. Returns [N]."""
     cols = query.nonzero().squeeze(-1)                                       # (Q,)
     cos = (vn @ vn[:, cols].mT).mean(0)                                      # (N, Q)
     m = ((cos - threshold) / (1.0 - threshold)).clamp_min(0.0) * candidates[:, None]
-    return (m / (1.0 + m.sum(0, keepdim=True))).sum(-1)                     # (N,)
+    return (m / m.sum(0, keepdim=True).clamp_min(1.0)).sum(-1)              # (N,)
 
 
 def sentence_sums(x, sentence):
@@ -843,9 +847,12 @@ class SentenceMatch(Policy):
     Priority: hop-1 sentence > hop-2 sentence > ... > every other sentence by its best match in any round.
     Parts: `sinks` first tokens, recent_ratio of K most recent tokens, the rest by that priority.
     Without a question it ranks the rest by accumulated score (H2O with sinks), as MatchSpan.
-    Still fails: a bridge entity that is written differently in its two sentences (a pronoun, "the
-    architect"); a hop-1 sentence won by a distractor sharing more question words; long sentences at a
-    small budget (the hop-2 sentence is then kept only in part, its later tokens first).
+    Still fails: a bridge entity written differently in its two sentences (a pronoun, "the architect");
+    a hop-1 sentence won by a distractor sharing more question words; hop 2 won by the one other
+    sentence sharing the hop-1 sentence's template ("The Selby Tower was designed by ...") when no third
+    sentence shares it, since its three template words then count as much as the entity's tokens
+    (test_policies_hard.py keeps two such distractors); long sentences at a small budget (the hop-2
+    sentence is then kept only in part, its later tokens first).
     Cost: no extra forward; one N x Q and `hops` N x S cosine products on the first layer's values."""
     name: ClassVar[str] = "sentence_match"
     sinks: int = 1
