@@ -126,12 +126,16 @@ def check_qa_item(item, where: str, required: tuple, optional: tuple = ("answer"
     return item
 
 
-def read_suite(paths) -> list:
+def read_suite(paths, limit=None) -> list:
     """Items {"id", "context", "question", "answer", optional "setting"}, one JSON object a line, from
-    one or more files; blank lines skipped; ids unique across the files."""
+    one or more files (the first `limit` items of each); blank lines skipped; ids unique across files."""
     items, seen = [], {}
     for path in paths:
-        for lineno, line in enumerate(read_text(path, "--suite").splitlines(), 1):
+        lines = read_text(path, "--suite").splitlines()
+        taken = 0
+        for lineno, line in enumerate(lines, 1):
+            if limit is not None and taken == limit:
+                break
             if not line.strip():
                 continue
             where = f"--suite {path}:{lineno}"
@@ -142,6 +146,7 @@ def read_suite(paths) -> list:
                 raise UsageError(f"{where}: duplicate id {item['id']!r} (first at {seen[item['id']]})")
             seen[item["id"]] = f"{path}:{lineno}"
             items.append(item)
+            taken += 1
     if not items:
         raise UsageError(f"--suite {' '.join(paths)}: no items (expected one JSON object a line)")
     return items
@@ -237,7 +242,8 @@ def build_parser() -> Parser:
     g.add_argument("--suite", nargs="+", metavar="FILE.jsonl",
                    help="QA items, one JSON object a line: id, context, question, answer, optional setting "
                         f"(default {DEFAULT_SETTING!r}); one table per setting")
-    g.add_argument("--limit", type=positive_int, help="only the first N items of the suite (a quick subset)")
+    g.add_argument("--limit", type=positive_int, metavar="N",
+                   help="only the first N items of each suite file (a quick subset)")
     g.add_argument("--results", metavar="FILE.jsonl", help="write each result as a JSON line as it finishes")
     g.add_argument("--resume", action="store_true",
                    help="continue --results FILE: skip what it holds (a missing FILE starts it)")
@@ -398,8 +404,7 @@ def check_args(args, need_model=True) -> Plan:
         except ValueError as e:
             raise UsageError(f"--sparsity: {e}") from None
     if args.suite:
-        items = read_suite(args.suite)
-        plan.items = items[:args.limit] if args.limit else items
+        plan.items = read_suite(args.suite, args.limit)
     elif args.prompt_file:
         plan.prompt = read_prompt_file(args.prompt_file)
     elif args.context:
@@ -1077,7 +1082,7 @@ def print_suite(summary, plan: Plan, style, out=None):
           f"{'items':>5}\n")
         for t in group:
             if "not_applicable" in t:
-                w(f"  {t['policy']:<18} {'n/a: ' + t['not_applicable']:>50}\n")
+                w(f"  {t['policy']:<18} n/a: {t['not_applicable']}\n")
             elif "correct" not in t:
                 w(f"  {t['policy']:<18} {t['answer_retention']:>10.2f} {fmt_ratio(t['question_retention']):>12} "
                   f"{'-':>8} {'-':>6} {'-':>8} {t['items']:>5}\n")

@@ -409,12 +409,13 @@ def test_suite_json_lines_tables_per_setting_and_random_row(tiny, tmp_path):
     assert "vault, sparsity 0.90" in text and "random (expected)" in text and "dense accuracy" in text
 
 
-def test_suite_limit_and_budget(tiny, tmp_path):
-    path = write_suite(tmp_path / "suite.jsonl")
-    out, _ = run_main(["--suite", path, "--limit", "1", "--budget", "7", "--policy", "h2o", "--json",
+def test_suite_limit_per_file_and_budget(tiny, tmp_path):
+    first = write_suite(tmp_path / "first.jsonl")
+    second = write_suite(tmp_path / "second.jsonl", [dict(ITEMS[1], id="c")])
+    out, _ = run_main(["--suite", first, second, "--limit", "1", "--budget", "7", "--policy", "h2o", "--json",
                        "--max-new-tokens", "1"], tiny)
     rows = json_lines(out)[:-1]
-    assert [(r["id"], r["budget"], r["sparsity"]) for r in rows] == [("a", 7, None)]
+    assert [(r["id"], r["budget"], r["sparsity"]) for r in rows] == [("a", 7, None), ("c", 7, None)]
 
 
 def test_suite_question_after_cut(tiny, tmp_path):
