@@ -136,6 +136,22 @@ def test_multi_token_calls_after_the_cut(model, policy, evict_every):
     assert_same_kept(results["cab_fast"][1], results["cab_reference"][1])
 
 
+def test_reordered_batch_leaves_and_rejoins_the_slots(model):
+    """Beam search reorders batch rows: the fast cache returns to position order for it and comes back
+    to the slots at the next step, keeping what the reference keeps."""
+    ids, _ = left_padded_prompts(pad=0)
+    swap = torch.tensor([1, 0], device=DEV)
+    kept = {}
+    for impl, module in (("cab_reference", ref), ("cab_fast", cab_fast)):
+        cache = module.CabCache(ref.EvictionConfig(policy="h2o", sparsity=0.5), evict_every=2)
+        out, _ = generate(model, impl, cache, ids, torch.ones_like(ids), steps=3)
+        cache.reorder_cache(swap)
+        _, kept[impl] = decode_loop(model, impl, cache, [out[swap, -1:]])
+        if impl == "cab_fast":
+            assert cache.bank is not None and cache.bank.complete
+    assert_same_kept(kept["cab_fast"], kept["cab_reference"])
+
+
 def test_decode_writes_into_the_evicted_slot(model):
     """No copy of the cache per step: the buffers keep their storage, and the new token's key lands in the
     slot the last cut freed."""
