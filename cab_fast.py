@@ -856,7 +856,8 @@ class SlotBank:
         (the reference's selection), which in eager decoding cost more host time than the whole step's
         GPU work; with the same shapes at every cut, the first cut runs eagerly (warming up) and is then
         captured once into a CUDA graph that the later cuts replay (on a CUDA device, when the cut fits in
-        one piece of _CUT_ELEMENTS slots and is not itself being captured by a caller's graph)."""
+        one piece of _CUT_ELEMENTS slots and is not itself being captured by a caller's graph). The capture
+        synchronises the device once; its temporaries stay in the graph's memory pool."""
         if self.cut_graph is not None and not torch.cuda.is_current_stream_capturing():
             self.cut_graph.replay()
             return
