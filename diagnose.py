@@ -366,13 +366,13 @@ def check_output_path(path, arg):
 
 def check_args(args, need_model=True) -> Plan:
     """Every check that needs no model: flags that go together, values, input files, knobs, outputs."""
-    given = lambda name: getattr(args, name) not in (None, False, [])      # noqa: E731
+    given = {name for name in SUITE_ONLY + PROMPT_ONLY if getattr(args, name) not in (None, False)}
     if args.suite:
-        wrong = [n for n in PROMPT_ONLY if given(n)]
+        wrong = [n for n in PROMPT_ONLY if n in given]
         if wrong:
             raise UsageError(f"--{wrong[0].replace('_', '-')}: not used with --suite (single prompt only)")
     else:
-        wrong = [n for n in SUITE_ONLY if given(n)]
+        wrong = [n for n in SUITE_ONLY if n in given]
         if wrong:
             raise UsageError(f"--{wrong[0]}: only with --suite")
     if args.resume and not args.results:
@@ -496,16 +496,14 @@ def load_model(args):
     """(model, tokenizer) from the checked --model / --gguf-file / --device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-    impl = "cab_fast" if args.fast else "cab_reference"
-    if args.fast:
-        import cab_fast  # noqa: F401  registers attn_implementation="cab_fast"
-    try:
+    try:                   # the Engine installs its own attention (reference or fast) once loaded
         tokenizer = AutoTokenizer.from_pretrained(args.model, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation=impl, dtype=torch.float32,
-                                                     **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="cab_reference",
+                                                     dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as e:            # a hub id that is not there, an unreadable checkpoint
-        raise UsageError(f"--model {args.model}: not a local directory, and loading it as a hub id failed "
-                         f"({str(e).strip().splitlines()[0]})") from None
+        what = "no model could be loaded from it" if os.path.isdir(args.model) else \
+            "not a local directory, and loading it as a hub id failed"
+        raise UsageError(f"--model {args.model}: {what} ({str(e).strip().splitlines()[0]})") from None
     return model.to(args.device).eval(), tokenizer
 
 

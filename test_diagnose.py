@@ -160,6 +160,15 @@ def test_user_errors_are_one_line_before_the_model_loads(argv, message, tmp_path
     assert message in err, err
 
 
+def test_a_folder_without_a_model_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        diagnose.main(["--model", str(tmp_path), "--policy", "h2o"])
+    assert exit_info.value.code == 2
+    loading, error = capsys.readouterr().err.splitlines()
+    assert loading.startswith("loading") and error.startswith(f"diagnose.py: error: --model {tmp_path}: no model "
+                                                              "could be loaded from it (")
+
+
 @pytest.mark.parametrize("column_text, expected_column", [('{"id": "x", "context": oops}', 24),
                                                           ('   {"id": "é", "cont\u00e9xt": }', 27),
                                                           ('{"id": 1} trailing', 11)])
