@@ -919,10 +919,11 @@ def run_prompt(plan: Plan, engine: Engine, style, clock):
 
 
 def run_identity(args, knobs) -> dict:
-    """What makes two runs' results comparable (the first line of a --results file)."""
-    return {"question_after_cut": args.question_after_cut, "max_new_tokens": args.max_new_tokens,
-            "model": args.model, "gguf_file": args.gguf_file, "budget": args.budget, "per_head": args.per_head,
-            "evict_every": args.evict_every, "knobs": knobs}
+    """What makes two runs' results comparable (the first line of a --results file), as JSON reads it back."""
+    return json.loads(json.dumps({
+        "question_after_cut": args.question_after_cut, "max_new_tokens": args.max_new_tokens, "model": args.model,
+        "gguf_file": args.gguf_file, "budget": args.budget, "per_head": args.per_head,
+        "evict_every": args.evict_every, "knobs": knobs}))
 
 
 def result_key(row) -> tuple:

@@ -485,6 +485,16 @@ def test_interrupted_suite_prints_the_partial_table_and_resumes(tiny, tmp_path, 
     assert "written with question_after_cut=False, this run has True" in capsys.readouterr().err
 
 
+def test_resume_with_a_tuple_knob(tiny, tmp_path):
+    path, results = write_suite(tmp_path / "suite.jsonl"), tmp_path / "results.jsonl"
+    argv = ["--suite", path, "--sparsity", "0.9", "--policy", "sentence_match", "--max-new-tokens", "1",
+            "--knob", "sentence_match.boundary_ids=(5,)", "--results", str(results), "--resume"]
+    run_main(argv, tiny)
+    first = results.read_text()
+    run_main(argv, tiny)                             # the same run again: everything is there already
+    assert results.read_text() == first and len(json_lines(first)) == 1 + len(ITEMS)
+
+
 def test_progress_bar_shows_an_eta():
     class Tty(io.StringIO):
         def isatty(self):
