@@ -287,11 +287,9 @@ class Policy:
 
 @dataclass(frozen=True)
 class Dense(Policy):
-    """Keep everything: the dense baseline through the same code path."""
+    """Keep everything: the dense baseline through the same code path (its budget is N, so it is
+    never asked to split one)."""
     name: ClassVar[str] = "none"
-
-    def parts(self, scores, k, context):
-        return [Part("all", k, recency(scores))]
 
 
 @dataclass(frozen=True)
@@ -1102,6 +1100,19 @@ def question_mask_from_spans(spans, batch: int, n: int, device=None):
     return mask
 
 
+def _check_question_span(spans):
+    """None, one (start, end) pair of ints, or a list of them (one per batch row); bounds are checked
+    against the prompt when it arrives (question_mask_from_spans)."""
+    def is_pair(x):
+        return (isinstance(x, (tuple, list)) and len(x) == 2
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in x))
+    if spans is None or is_pair(spans) or (isinstance(spans, (tuple, list)) and spans
+                                           and all(is_pair(s) for s in spans)):
+        return spans
+    raise ValueError(f"question_span: expected (start, end) token positions as two ints, or one such pair "
+                     f"per batch row, got {spans!r}")
+
+
 def prompt_evidence(q, k, v, config: EvictionConfig, *, scale=None, key_mask=None, question_mask=None,
                     attention_fn: AttentionFn = attention, head_group=None, token_ids=None):
     """The evidence config.policy ranks by, as keyword arguments for select_kept."""
@@ -1232,7 +1243,7 @@ class EvictionLoop:
         if token_ids is not None and (not isinstance(token_ids, torch.Tensor) or token_ids.dtype != torch.int64
                                       or token_ids.dim() not in (1, 2)):
             raise ValueError(f"token_ids: expected an int64 tensor [B, N] or [N], got {token_ids!r:.80}")
-        self.question_span = question_span
+        self.question_span = _check_question_span(question_span)
         self.token_ids = token_ids
         self.evict_every = evict_every
         self.record = record
@@ -1494,11 +1505,13 @@ def token_span(offsets, char_start: int, char_end: int) -> tuple[int, int]:
     return hits[0], hits[-1] + 1
 
 
-def find_question_span(tokenizer, prompt: str, question: str) -> tuple[int, int]:
+def find_question_span(tokenizer, prompt: str, question: str, *, add_special_tokens=False) -> tuple[int, int]:
     """question_span for CabCache: the token positions of the last occurrence of `question` in `prompt`
-    (the text you tokenize, e.g. the chat template's output), from the tokenizer's offset mapping."""
+    (the text you tokenize, e.g. the chat template's output), from the tokenizer's offset mapping.
+    Tokenize the prompt the same way for the model: add_special_tokens must match (a BOS token the
+    model sees and this count does not would shift the span by one)."""
     start = prompt.rfind(question)
     if not question or start < 0:
         raise ValueError(f"question: {question[:60]!r} does not occur in the prompt")
-    offsets = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+    offsets = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=add_special_tokens)["offset_mapping"]
     return token_span(offsets, start, start + len(question))
