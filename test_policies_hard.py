@@ -126,7 +126,7 @@ def test_distinct_tokens_below_threshold_do_not_match():
     noise = noise - (noise * a).sum(-1, keepdim=True) / (a * a).sum(-1, keepdim=True) * a
     close = 0.8 * a / a.norm(dim=-1, keepdim=True) + 0.6 * noise / noise.norm(dim=-1, keepdim=True)
     v[0, :, near] = close[:, None, :]
-    hop = R.hop_sentences(v, prompt.question_mask, R.sentence_index(ids, (DOT, QMARK), 16), None, 0.9, 1)
+    hop = R.hop_sentences(v, prompt.question_mask, R.sentence_index(ids, (DOT, QMARK)), None, 0.9, 1)
     d1 = [i for i in range(ids.shape[1]) if ids[0, i] == 13]
     assert float(hop[0, d1].max()) < 1.0                 # the distractor sentence is not hop 1
     assert float(hop[0, int((ids[0] == 10).nonzero()[0])]) > 2.0
@@ -141,7 +141,7 @@ def test_rows_are_independent_and_padding_is_never_matched():
     mask[:, pad + question[0]:pad + question[1]] = True
     key_mask = torch.ones_like(mask)
     key_mask[1, :pad] = False
-    sid = R.sentence_index(both, (DOT, QMARK), 16)
+    sid = R.sentence_index(both, (DOT, QMARK))
     hop = R.hop_sentences(values_for(both), mask, sid, key_mask, 0.9, 2)
     assert torch.equal(hop[0, pad:], hop[1, pad:])
     assert float(hop[1, :pad].max()) <= 0.0
@@ -149,8 +149,8 @@ def test_rows_are_independent_and_padding_is_never_matched():
 
 def test_sentence_index_ends_belong_to_their_sentence():
     ids = torch.tensor([[5, 6, DOT, 7, DOT, DOT, 8]])
-    assert R.sentence_index(ids, (DOT,), 16).tolist() == [[0, 0, 0, 1, 1, 2, 3]]
-    assert R.sentence_index(None, (DOT,), 16) is None and R.sentence_index(ids, (), 16) is None
+    assert R.sentence_index(ids, (DOT,)).tolist() == [[0, 0, 0, 1, 1, 2, 3]]
+    assert R.sentence_index(None, (DOT,)) is None and R.sentence_index(ids, ()) is None
 
 
 def test_without_boundaries_fixed_segments_are_used():
