@@ -930,10 +930,12 @@ class FactSlots(Policy):
     max_repeat facts (their pattern words count as common). Its success on bridge/paraphrase/lexical
     suites is a property of those generators (same-type distractor facts among unique filler), not
     evidence that it finds the answer in real documents.
-    Cost: no extra forward; a unique() over the prompt's ids per batch row."""
+    Cost: no extra forward; a unique() over the prompt's ids per batch row.
+    Not in POLICY_TYPES yet (testkit's keep promises list it first): EvictionConfig(policy=FactSlots(...)),
+    or register_policy(FactSlots)."""
     name: ClassVar[str] = "fact_slots"
     sinks: int = 1
-    recent_ratio: float = 0.0      # share of the budget for the most recent tokens (the question is not there yet)
+    recent_ratio: float = 0.0      # share of the budget for the most recent tokens (at least 1; no question yet)
     max_repeat: int = 8            # a word in at most this many places can be a pattern word
     slot_bonus: float = 2.0        # extra weight of a one-off word inside a patterned sentence
     boundary_ids: tuple = ()       # token ids that end a sentence, as SentenceMatch
@@ -964,7 +966,7 @@ class FactSlots(Policy):
 
     def parts(self, scores, k, context):
         sinks = min(self.sinks, k)
-        recent = min(k - sinks, int(k * self.recent_ratio))
+        recent = min(k - sinks, max(1, int(k * self.recent_ratio)))
         priority = context.get("fact_slots")
         return [Part("sink", sinks, -recency(scores)), Part("recent", recent, recency(scores)),
                 Part("slots" if priority is not None else "heavy", k - sinks - recent,
@@ -975,7 +977,7 @@ class FactSlots(Policy):
 # 5. Choosing: EvictionConfig and select_kept
 
 POLICY_TYPES = {cls.name: cls for cls in (Dense, StreamingLLM, H2O, SnapKV, CAB, QuestionAware, Bidirectional,
-                                          Delayed, DynamicLocal, HybridSemantic, MatchSpan, SentenceMatch, FactSlots)}
+                                          Delayed, DynamicLocal, HybridSemantic, MatchSpan, SentenceMatch)}
 
 
 def register_policy(cls):

@@ -17,7 +17,7 @@ D, HKV = 16, 2
 def values_for(ids, seed=0):
     """[B, Hkv, N, D]: one random vector per token id and head."""
     g = torch.Generator().manual_seed(seed)
-    table = torch.randn(64, HKV, D, generator=g)
+    table = torch.randn(int(ids.max()) + 1, HKV, D, generator=g)
     return table[ids].permute(0, 2, 1, 3).contiguous()                      # (B, Hkv, N, D)
 
 
@@ -204,3 +204,63 @@ def test_through_the_loop_every_layer_keeps_the_answer():
     for positions in loop.kept_positions():
         for row in positions[0]:
             assert set(answer) <= set(row.tolist())
+
+
+# FactSlots: facts of one kind share a pattern (ids 20 21 _ 22 23 _ .) among filler of one-off words.
+THE = 5                                              # a word in every sentence: too common to be a pattern
+
+
+def facts_prompt(n_facts=4, n_filler=8):
+    ids, slots = [0], []
+    g = torch.Generator().manual_seed(5)
+    fresh = iter(range(100, 1000))
+    sentences = [("fact", i) for i in range(n_facts)] + [("filler", i) for i in range(n_filler)]
+    for kind, _ in [sentences[i] for i in torch.randperm(len(sentences), generator=g).tolist()]:
+        if kind == "fact":
+            x, y = next(fresh), next(fresh)
+            slots += [len(ids) + 2, len(ids) + 5]
+            ids += [THE, 20, x, 21, 22, y, DOT]
+        else:
+            ids += [THE] + [next(fresh) for _ in range(5)] + [DOT]
+    return torch.tensor([ids]), slots
+
+
+def test_fact_slots_keeps_every_fact_slot_before_any_filler():
+    ids, slots = facts_prompt()
+    policy = R.FactSlots(boundary_ids=(DOT,))
+    k = 1 + 1 + len(slots)                               # sink + 1 recent + the slots
+    prompt = prompt_for(ids, (0, 1))._replace(question_mask=None)
+    evidence = policy.evidence(prompt)
+    scores = torch.rand(1, HKV, ids.shape[1], generator=torch.Generator().manual_seed(6))
+    kept = policy.select(scores, k, evidence, torch.ones_like(scores, dtype=torch.bool)).kept
+    for row in kept[0]:
+        assert set(slots) <= set(row.tolist())
+
+
+def test_fact_slots_pattern_words_need_few_repeats():
+    """With more facts of a kind than max_repeat, their pattern words count as common: nothing ranks."""
+    ids, _ = facts_prompt(n_facts=4)
+    evidence = R.FactSlots(boundary_ids=(DOT,), max_repeat=3).evidence(prompt_for(ids, (0, 1)))
+    assert float(evidence["fact_slots"].max()) == 0.0
+
+
+def test_token_counts_skip_padding():
+    ids = torch.tensor([[7, 7, 8, 7], [9, 7, 7, 8]])
+    key_mask = torch.tensor([[True, True, True, True], [False, True, True, True]])
+    assert R.token_counts(ids, key_mask).tolist() == [[3, 3, 1, 3], [0, 2, 2, 1]]
+
+
+def test_fact_slots_without_token_ids_is_heavy_hitters_with_sinks():
+    ids, _ = facts_prompt()
+    policy = R.FactSlots(boundary_ids=(DOT,))
+    assert policy.evidence(prompt_for(ids, (0, 1))._replace(token_ids=None)) == {}
+    parts = policy.parts(torch.rand(1, HKV, ids.shape[1]), 9, {})
+    assert [(p.name, p.count) for p in parts] == [("sink", 1), ("recent", 1), ("heavy", 7)]
+
+
+@pytest.mark.parametrize("knob, value", [("sinks", -1), ("recent_ratio", -0.1), ("max_repeat", 1),
+                                         ("slot_bonus", -1.0), ("slot_bonus", float("inf")),
+                                         ("slot_bonus", float("nan")), ("boundary_ids", (1.5,))])
+def test_fact_slots_bad_knobs_name_themselves(knob, value):
+    with pytest.raises(ValueError, match=knob):
+        R.FactSlots(**{knob: value})
