@@ -936,8 +936,8 @@ class FactSlots(Policy):
     name: ClassVar[str] = "fact_slots"
     sinks: int = 1
     recent_ratio: float = 0.0      # share of the budget for the most recent tokens (at least 1; no question yet)
-    max_repeat: int = 8            # a word in at most this many places can be a pattern word
-    slot_bonus: float = 2.0        # extra weight of a one-off word inside a patterned sentence
+    max_repeat: int = 16           # a word in at most this many places can be a pattern word
+    slot_bonus: float = 10.0       # extra weight of a one-off word inside a patterned sentence
     boundary_ids: tuple = ()       # token ids that end a sentence, as SentenceMatch
 
     def __post_init__(self):

@@ -207,7 +207,7 @@ def test_through_the_loop_every_layer_keeps_the_answer():
 
 
 # FactSlots: facts of one kind share a pattern (ids 20 21 _ 22 23 _ .) among filler of one-off words.
-THE = 5                                              # a word in every sentence: too common to be a pattern
+THE = 5                                              # a word in every sentence, facts and filler alike
 
 
 def facts_prompt(n_facts=4, n_filler=8):
@@ -239,7 +239,7 @@ def test_fact_slots_keeps_every_fact_slot_before_any_filler():
 
 def test_fact_slots_pattern_words_need_few_repeats():
     """With more facts of a kind than max_repeat, their pattern words count as common: nothing ranks."""
-    ids, _ = facts_prompt(n_facts=4)
+    ids, _ = facts_prompt(n_facts=4, n_filler=2)
     evidence = R.FactSlots(boundary_ids=(DOT,), max_repeat=3).evidence(prompt_for(ids, (0, 1)))
     assert float(evidence["fact_slots"].max()) == 0.0
 
