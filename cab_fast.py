@@ -1,34 +1,45 @@
-"""The fast twin of cab_reference.attention: exact accumulated attention scores in Triton.
+"""The fast twin of cab_reference: exact accumulated attention scores in Triton, and a cache that decodes
+in place. Two parts, in this order:
 
-Same contract as cab_reference.attention (names, arguments, defaults, shapes); only *how* the result is
-computed changes. Selection, policies and the cache stay in cab_reference (one definition).
-
-    attention(q, k, v, *, scale=None, causal=True, key_mask=None, validate=False) -> (out, scores)
+1. attention(q, k, v, *, scale=None, causal=True, key_mask=None, validate=False) -> (out, scores)
+   The contract of cab_reference.attention (names, arguments, defaults, shapes); only *how* it is computed
+   changes.
         q [B, Hq, Nq, D]; k, v [B, Hkv, Nk, D]; G = Hq // Hkv; key_mask [B, Nk] bool (True = real token)
         out    [B, Hq, Nq, D] in q's dtype
         scores [B, Hkv, Nk] float32: softmax probabilities summed over the Nq queries and the G query heads
                of each KV head's group (not divided by anything)
+   validate=False (the default, as in SDPA and FlashAttention): values are not inspected and the call never
+   waits for the GPU (NaN in, NaN out); validate=True runs the reference's finiteness check first.
 
-Kernels (NOTES.md has the design and the measurements):
-  prefill   1. _fwd_kernel: FlashAttention-2 forward (online softmax); writes out and the per-row
-               log-sum-exp (natural log of sum_j exp(scale * q_i.k_j), +inf for a row that sees no key).
-               On a CUDA GPU, for fp16/bf16 without key_mask, cuDNN's SDPA forward (which also returns
-               the log-sum-exp) stands in for it: see _prefill.
-            2. _score_kernel: key-block-major second pass. Each program owns BLOCK_N keys of one KV head,
-               loops over the queries of its query heads, recomputes p = exp(scale * q.k - lse) and sums
-               it. It alone writes its keys' scores: no atomics, deterministic, no N x N tensor.
-  decode    3. _decode_partial_kernel: split-K over the keys (the Nq * G rows of a KV head in one
-               program per split); each split writes its running max, sum, accumulator and the raw logits
-               of its keys. With one split (short decode) it finishes the job itself: one launch.
-            4. _decode_reduce_kernel: one program per key block; each combines the split partials in a
-               fixed order (deterministic) into the final lse; the first also writes out; then it turns
-               its keys' stored logits into probabilities and column sums.
+   Kernels (NOTES.md has the design and the measurements):
+     prefill   1. _fwd_kernel: FlashAttention-2 forward (online softmax); writes out and the per-row
+                  log-sum-exp (natural log of sum_j exp(scale * q_i.k_j), +inf for a row that sees no key).
+                  On a CUDA GPU, for fp16/bf16 without key_mask, cuDNN's SDPA forward (which also returns
+                  the log-sum-exp) stands in for it: see _prefill.
+               2. _score_kernel: key-block-major second pass. Each program owns BLOCK_N keys of one KV head,
+                  loops over the queries of its query heads, recomputes p = exp(scale * q.k - lse) and sums
+                  it. It alone writes its keys' scores: no atomics, deterministic, no N x N tensor.
+     decode    3. _decode_partial_kernel: split-K over the keys (the Nq * G rows of a KV head in one
+                  program per split); each split writes its running max, sum, accumulator and the raw logits
+                  of its keys. With one split (short decode) it finishes the job itself: one launch.
+               4. _decode_reduce_kernel: one program per key block; each combines the split partials in a
+                  fixed order (deterministic) into the final lse; the first also writes out; then it turns
+                  its keys' stored logits into probabilities and column sums.
 
-Tiles are fixed ahead of time per (GPU compute capability, kernel, head-dim class, dtype class) in _TILES,
-as FlashAttention does: a call never autotunes. CAB_AUTOTUNE=1 in the environment (read on import) times
-the candidate tiles on the first call of each shape class instead (bench.py --autotune prints a table).
-Lengths are not specialised on, so a new prompt length reuses the compiled kernels, and after its first
-launch a compiled kernel is launched directly (_launch), without triton's per-call argument binding.
+   Tiles are fixed ahead of time per (GPU compute capability, kernel, head-dim class, dtype class) in
+   _TILES, as FlashAttention does: a call never autotunes. CAB_AUTOTUNE=1 in the environment (read on
+   import) times the candidate tiles on the first call of each shape class instead (bench.py --autotune
+   prints a table). Lengths are not specialised on, so a new prompt length reuses the compiled kernels,
+   and after its first launch a compiled kernel is launched directly (_launch), without triton's per-call
+   argument binding.
+
+2. CabCache (section "fast cache", at the end): the twin of the reference's eviction loop for generation.
+   It subclasses cab_reference.CabCache: the same arguments (plus cut_graphs) and methods; policies,
+   selection and the prompt's first cut are the reference's own (imported as `_ref`, never re-exported).
+   After the cut the tokens live in per-slot buffers: a decode step writes one slot, attends over all of
+   them and syncs nothing (it can be captured in a CUDA graph). Importing this module registers
+   attn_implementation "cab_fast" with transformers; switch with `cab_fast.CabCache(...)` plus
+   attn_implementation="cab_fast".
 
 On a machine without CUDA this runs under the Triton interpreter (TRITON_INTERPRET=1 set before triton is
 imported), slowly and with 16-wide tiles; that is what CI's tests use.
@@ -776,7 +787,6 @@ from transformers import AttentionInterface  # noqa: E402  (the adapter's import
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
 _CUT_ELEMENTS = 1 << 24       # a cut ranks at most this many slots at once (its temporaries scale with it)
-_CUT_GRAPHS = True            # eager decoding replays each cut from a CUDA graph of itself (see SlotBank.cut_all)
 
 
 class SlotBank:
@@ -863,8 +873,8 @@ class SlotBank:
             return
         self._cut_eagerly()
         per_cut = max(1, _CUT_ELEMENTS // self.scores[0].numel())
-        if _CUT_GRAPHS and self.keys.is_cuda and per_cut >= len(self.members) and self.loop.head_group is None \
-                and not torch.cuda.is_current_stream_capturing():
+        if self.loop.cut_graphs and self.keys.is_cuda and per_cut >= len(self.members) \
+                and self.loop.head_group is None and not torch.cuda.is_current_stream_capturing():
             self.cut_graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.cut_graph):          # recorded, not run: the cut above did the work
                 self._cut_eagerly()
@@ -976,12 +986,16 @@ class CabCache(_ref.CabCache):
     A decode step that fails cannot be undone (the buffers are written in place): the cache then refuses
     to go on. Layers that differ in shape (or a model split over devices) keep the reference's layout.
     Replaying a captured decode step advances the device state only: get_seq_length() lags, while the
-    cached tokens and kept_positions() are right."""
+    cached tokens and kept_positions() are right.
+
+    cut_graphs (the one argument the reference's CabCache lacks): on a CUDA device, cuts after the first
+    replay a CUDA graph of the first (see SlotBank.cut_all); False runs every cut eagerly."""
 
     layer_type = FastLayer
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, cut_graphs: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
+        self.cut_graphs = cut_graphs
         self.bank = None           # the SlotBank once the layers are cut
         self.in_slots = False      # this forward runs on the bank
         self.slots_ok = True       # False once layers turned out to differ: the reference's layout for good
