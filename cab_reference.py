@@ -779,7 +779,8 @@ def fixed_segments(b, n, segment, device):
 def word_match(vn, query, candidates, threshold):
     """Word identity of every key with a set of query tokens, each query word shared out among its
     occurrences:
-        m[j, i] = relu((cos(v_j, v_i) - threshold) / (1 - threshold)),  match[j] = sum_i m[j, i] / max(1, sum_j' m[j', i])
+        m[j, i] = relu((cos(v_j, v_i) - threshold) / (1 - threshold)),
+        match[j] = sum over i of m[j, i] / max(1, sum over j' of m[j', i])
     over query tokens i (query [N] bool) and candidate keys j (candidates [N] bool); 0 elsewhere. A word
     found once elsewhere (an entity) gives its sentence 1, a template word shared by c sentences 1 / c
     each (question_match's 1 / (1 + c) would tie a two-token entity with a three-word template shared
