@@ -14,52 +14,25 @@ On a GPU two more properties of the decode step: it never waits for the device (
 and it can be captured in a CUDA graph whose replays give the eager steps' results.
 """
 
-import os
-import warnings
-
+import pytest
 import torch
+import transformers
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # must precede the first import of triton
+import cab_fast
+import cab_reference as ref
+from testkit import GPU, forward, generate, prompts, tiny_model
 
-import pytest  # noqa: E402
-import transformers  # noqa: E402
-
-import cab_fast  # noqa: E402
-import cab_reference as ref  # noqa: E402
-
-GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
 PROMPT, QUESTION, STEPS = 24, (16, 22), 5
 
 
-def tiny_llama(seed=0):
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                   max_position_embeddings=256, pad_token_id=0)
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).to(DEV).eval()
-    with torch.no_grad():            # peaked attention, so heavy hitters differ between heads
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(6.0)
-            layer.self_attn.k_proj.weight.mul_(6.0)
-    model.generation_config.eos_token_id = None          # never stop early: compare every step
-    model.generation_config.pad_token_id = 0
-    return model
-
-
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama()
+    return tiny_model(vocab=97, sharpen=6.0, device=DEV)     # peaked attention: heavy hitters differ by head
 
 
-def left_padded_prompts(batch=2, n=PROMPT, pad=5, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 97, (batch, n), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1:, :pad] = 0                                   # row 1 is `pad` tokens shorter
-    ids[1:, :pad] = 0
-    return ids.to(DEV), mask.to(DEV)
+def left_padded_prompts(batch=2, pad=5):
+    return prompts(batch, PROMPT, pad=pad, vocab=97, device=DEV)   # rows after the first: `pad` tokens shorter
 
 
 class KeptAfterEachToken(transformers.StoppingCriteria):
@@ -73,17 +46,14 @@ class KeptAfterEachToken(transformers.StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def generate(model, impl, cache, ids, mask, steps=STEPS):
-    model.set_attn_implementation(impl)
+def generate_recording_kept(model, impl, cache, ids, mask, steps=STEPS):
+    """Greedy generation through `cache`: (sequences, kept positions after every token)."""
     snap = KeptAfterEachToken(cache)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")                  # past_key_values is renamed `cache` in transformers 5.24
-        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=steps,
-                             do_sample=False, stopping_criteria=transformers.StoppingCriteriaList([snap]))
+    out, _ = generate(model, impl, ids, mask, cache, steps, stopping_criteria=transformers.StoppingCriteriaList([snap]))
     return out, snap.kept
 
 
-def assert_same_kept(kept_fast, kept_ref):
+def assert_kept_equal(kept_fast, kept_ref):
     """kept_* [step][layer] -> [B, Hkv, L]: same sets (both ascending) in every layer and head."""
     assert len(kept_fast) == len(kept_ref)
     for step, (fast, reference) in enumerate(zip(kept_fast, kept_ref)):
@@ -100,25 +70,23 @@ def test_same_tokens_and_kept_positions(model, policy, evict_every):
     for impl, module in (("cab_reference", ref), ("cab_fast", cab_fast)):
         cache = module.CabCache(ref.EvictionConfig(policy=policy, sparsity=0.5), evict_every=evict_every,
                                 question_span=QUESTION)
-        runs[impl] = generate(model, impl, cache, ids, mask)
+        runs[impl] = generate_recording_kept(model, impl, cache, ids, mask)
         if impl == "cab_fast" and policy != "none":
             assert cache.bank is not None and cache.bank.complete, "the decode steps did not run on the slots"
     assert torch.equal(runs["cab_fast"][0], runs["cab_reference"][0]), "generated tokens differ"
-    assert_same_kept(runs["cab_fast"][1], runs["cab_reference"][1])
+    assert_kept_equal(runs["cab_fast"][1], runs["cab_reference"][1])
 
 
 def decode_loop(model, impl, cache, chunks):
     """Plain forwards (no generate): each chunk of token ids is fed as one call, then 2 greedy tokens."""
     model.set_attn_implementation(impl)
     kept, logits = [], []
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for chunk in chunks:
-            out = model(chunk.to(DEV), past_key_values=cache).logits[:, -1:]
-            for _ in range(2):
-                logits.append(out)
-                kept.append([p.clone() for p in cache.kept_positions()])
-                out = model(out.argmax(-1), past_key_values=cache).logits[:, -1:]
+    for chunk in chunks:
+        out = forward(model, chunk.to(DEV), cache)[:, -1:]
+        for _ in range(2):
+            logits.append(out)
+            kept.append([p.clone() for p in cache.kept_positions()])
+            out = forward(model, out.argmax(-1), cache)[:, -1:]
     return torch.cat(logits, 1), kept
 
 
@@ -133,7 +101,7 @@ def test_multi_token_calls_after_the_cut(model, policy, evict_every):
         cache = module.CabCache(ref.EvictionConfig(policy=policy, sparsity=0.5), evict_every=evict_every)
         results[impl] = decode_loop(model, impl, cache, chunks)
     torch.testing.assert_close(results["cab_fast"][0], results["cab_reference"][0], rtol=1e-4, atol=1e-4)
-    assert_same_kept(results["cab_fast"][1], results["cab_reference"][1])
+    assert_kept_equal(results["cab_fast"][1], results["cab_reference"][1])
 
 
 def test_reordered_batch_leaves_and_rejoins_the_slots(model):
@@ -144,12 +112,12 @@ def test_reordered_batch_leaves_and_rejoins_the_slots(model):
     kept = {}
     for impl, module in (("cab_reference", ref), ("cab_fast", cab_fast)):
         cache = module.CabCache(ref.EvictionConfig(policy="h2o", sparsity=0.5), evict_every=2)
-        out, _ = generate(model, impl, cache, ids, torch.ones_like(ids), steps=3)
+        out, _ = generate(model, impl, ids, torch.ones_like(ids), cache, steps=3)
         cache.reorder_cache(swap)
         _, kept[impl] = decode_loop(model, impl, cache, [out[swap, -1:]])
         if impl == "cab_fast":
             assert cache.bank is not None and cache.bank.complete
-    assert_same_kept(kept["cab_fast"], kept["cab_reference"])
+    assert_kept_equal(kept["cab_fast"], kept["cab_reference"])
 
 
 def test_decode_writes_into_the_evicted_slot(model):
@@ -157,12 +125,11 @@ def test_decode_writes_into_the_evicted_slot(model):
     slot the last cut freed."""
     ids, mask = left_padded_prompts(batch=1)
     cache = cab_fast.CabCache(ref.EvictionConfig(policy="h2o", sparsity=0.5))
-    generate(model, "cab_fast", cache, ids, mask, steps=2)
+    generate(model, "cab_fast", ids, mask, cache, steps=2)
     bank = cache.bank
     pointers = (bank.keys.data_ptr(), bank.values.data_ptr())
     slot = bank.next_slot.clone()                                            # (Ly, B, Hkv, 1)
-    with torch.no_grad():
-        model(torch.tensor([[5]], device=DEV), past_key_values=cache)
+    forward(model, torch.tensor([[5]], device=DEV), cache)
     assert (bank.keys.data_ptr(), bank.values.data_ptr()) == pointers and cache.bank is bank
     newest = cache.get_seq_length() - 1                                      # the token just written
     assert bool((bank.positions.gather(-1, slot) == newest).all()), "the new token is not in the freed slot"
@@ -173,14 +140,13 @@ def test_decode_writes_into_the_evicted_slot(model):
 def test_decode_step_never_syncs(model, policy):
     ids, mask = left_padded_prompts(batch=2)
     cache = cab_fast.CabCache(ref.EvictionConfig(policy=policy, sparsity=0.5), question_span=QUESTION)
-    out, _ = generate(model, "cab_fast", cache, ids, mask, steps=2)
+    out, _ = generate(model, "cab_fast", ids, mask, cache, steps=2)
     token = out[:, -1:]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        with torch.no_grad():
-            for _ in range(3):                           # a cut at every step (evict_every=1)
-                token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+        for _ in range(3):                               # a cut at every step (evict_every=1)
+            token = forward(model, token, cache)[:, -1:].argmax(-1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -192,7 +158,7 @@ def test_decode_step_replays_in_a_cuda_graph(model):
     ids, mask = left_padded_prompts(batch=2)
     caches = [cab_fast.CabCache(ref.EvictionConfig(policy="cab", sparsity=0.5)) for _ in range(2)]
     for cache in caches:
-        out, _ = generate(model, "cab_fast", cache, ids, mask, steps=2)
+        out, _ = generate(model, "cab_fast", ids, mask, cache, steps=2)
     eager, graphed = caches
     n = ids.shape[1] + 1                                 # the next token's position, before padding
     pads = (mask == 0).sum(-1, keepdim=True)
@@ -202,16 +168,16 @@ def test_decode_step_replays_in_a_cuda_graph(model):
         side = torch.cuda.Stream()                       # one warm-up step on a side stream, both caches
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            model(token, position_ids=position, past_key_values=graphed)
+            forward(model, token, graphed, position_ids=position)
         torch.cuda.current_stream().wait_stream(side)
-        token.copy_(model(token, position_ids=position, past_key_values=eager).logits[:, -1:].argmax(-1))
+        token.copy_(forward(model, token, eager, position_ids=position)[:, -1:].argmax(-1))
         position.add_(1)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_logits = model(token, position_ids=position, past_key_values=graphed).logits
+            static_logits = forward(model, token, graphed, position_ids=position)
         for step in range(3):
             graph.replay()
-            want = model(token, position_ids=position, past_key_values=eager).logits
+            want = forward(model, token, eager, position_ids=position)
             torch.testing.assert_close(static_logits, want, rtol=1e-5, atol=1e-5)
             for f, r in zip(graphed.kept_positions(), eager.kept_positions()):
                 assert torch.equal(f, r), f"replay {step}: kept positions differ"

@@ -535,6 +535,30 @@ def test_gpu_fast_prefill_more_than_2_31_elements():
 
 
 @needs_gpu
+@needs_fast
+@pytest.mark.parametrize("route", ["prefill", "decode"])
+def test_gpu_fast_more_than_2_31_elements_in_one_head(route):
+    """One KV head's K of 1 x 1 x (2^24 + 77) x 128 > 2^31 elements: the key offsets within a head must be
+    64-bit (the tests above overflow in the head offsets), through the prefill and the decode kernels.
+    Checked in float32 chunks (float64 spot checks of 2^24 keys would take tens of GiB)."""
+    d, nk = 128, (1 << 31) // 128 + 77
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k = torch.randn(1, 1, nk, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, 1, nk, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    nq = 1 if route == "decode" else 64
+    q = torch.randn(1, 1, nq, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    out, scores = cab_fast._attention(q, k, v, causal=False, route=route)
+    chunk = 1 << 22
+    logits = torch.cat([(k[0, 0, i:i + chunk].float() @ q[0, 0].float().T) for i in range(0, nk, chunk)])
+    logits = logits / math.sqrt(d)                                              # (Nk, Nq)
+    p = torch.exp(logits - torch.logsumexp(logits, 0))
+    want_scores = p.sum(1)
+    want_out = torch.stack([p[i:i + chunk].T @ v[0, 0, i:i + chunk].float() for i in range(0, nk, chunk)]).sum(0)
+    assert (scores[0, 0] - want_scores).abs().max().item() < 1e-5 + 1e-3 * want_scores.abs().max().item()
+    assert (out[0, 0].float() - want_out).abs().max().item() < 2e-2
+
+
+@needs_gpu
 @pytest.mark.parametrize("impl", IMPLS)
 def test_gpu_ten_thousand_decode_steps(impl):
     """10k decode steps with eviction (budget 256, 2 layers): scores finite, positions true and strictly

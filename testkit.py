@@ -285,15 +285,23 @@ def promised(policy, k, seen, *, question_at_end=True):
 # ----------------------------------------------------------------------------------------------------
 # Near ties
 
-def ranking_proxies(scores, policy, per_head, evidence):
+def ranking_proxies(scores, policy, per_head, evidence, computed=()):
     """The quantities `policy` ranks by, as functions of the scores [B, H, N] (float64, heads merged
-    when per_head=False): the scores, SnapKV's pooled scores, QuestionAware's mixed priority."""
-    s = scores.double()
-    if not per_head:
-        s = s.sum(1, keepdim=True)
-    proxies = [s]
+    when per_head=False): the scores, SnapKV's pooled scores, QuestionAware's mixed priority; and the
+    evidence named in `computed` (each side computed its own, e.g. SnapKV's window_scores: those values
+    and SnapKV's pooling of them)."""
+    def merged(t):
+        t = t.double()
+        return t if per_head else t.sum(1, keepdim=True)
+
+    s = merged(scores)
+    proxies = [s] + [merged(evidence[name]) for name in computed]
     if isinstance(policy, R.SnapKV):
-        proxies.append(F.max_pool1d(s, policy.pool, stride=1, padding=policy.pool // 2))
+        def pooled(t):
+            return F.max_pool1d(t, policy.pool, stride=1, padding=policy.pool // 2)
+        proxies.append(pooled(s))
+        if "window_scores" in computed:
+            proxies.append(pooled(merged(evidence["window_scores"])))
     if isinstance(policy, R.QuestionAware):
         sim = evidence["question_similarity"].double()
         sim = sim if per_head else sim.mean(1, keepdim=True)
@@ -301,13 +309,15 @@ def ranking_proxies(scores, policy, per_head, evidence):
     return s, proxies
 
 
-def assert_same_kept(kept_a, kept_b, scores_truth, scores_tol, policy, per_head, evidence, max_swaps=2):
+def assert_same_kept(kept_a, kept_b, scores_truth, scores_tol, policy, per_head, evidence, max_swaps=2,
+                     computed=()):
     """Kept index sets equal, except swaps between tokens whose ranking quantities (ranking_proxies, or
-    the distance to another score for CAB's median bridge) are within the score tolerance of each
-    other; at most max_swaps per (batch row, head)."""
+    the distance to another score for CAB's median bridge) are within the score tolerance (relative to
+    the row's largest value, at least 1) of each other; at most max_swaps per (batch row, head).
+    `computed`: evidence names whose values the two sides computed separately (see ranking_proxies)."""
     if torch.equal(kept_a, kept_b):
         return
-    s, proxies = ranking_proxies(scores_truth, policy, per_head, evidence)
+    s, proxies = ranking_proxies(scores_truth, policy, per_head, evidence, computed)
     tol = float(scores_tol)
     rows_a, rows_b = kept_a.reshape(-1, kept_a.shape[-1]), kept_b.reshape(-1, kept_b.shape[-1])
     heads = s.shape[1]
