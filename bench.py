@@ -52,12 +52,16 @@ def _sdpa(backend):
     return run
 
 
-def _header():
+def _git_commit():
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
-        commit = ""
-    commit = commit or os.environ.get("CAB_COMMIT", "?")      # the device copy has no .git: pass it in
+        return ""
+
+
+def _header():
+    # CAB_COMMIT first: a copy of the tree on another machine may carry no .git, or a stale one
+    commit = os.environ.get("CAB_COMMIT") or _git_commit() or "?"
     import transformers
     p = torch.cuda.get_device_properties(0)
     return {"device": torch.cuda.get_device_name(0), "sms": p.multi_processor_count,
@@ -549,6 +553,13 @@ def e2e_capacity(model, n, new_tokens=16, reserve_gib=(3.0, 6.0), evict_every=64
     return out
 
 
+def _recorded(measure, model, n):
+    """measure(model, n), also kept as a row named after the function (for --json)."""
+    result = measure(model, n)
+    _row(measure.__name__, **result)
+    return result
+
+
 def bench_end_to_end(n=32768, layers=16, say=print):
     """Every end-to-end figure, dense beside eviction, in one process (rows also go to ROWS for --json)."""
     model = _llama(layers)
@@ -562,31 +573,26 @@ def bench_end_to_end(n=32768, layers=16, say=print):
         label = "dense SDPA + DynamicCache" if impl == "dense" else f"eviction, evict_every={e}"   # new lengths
         say(f"{label:<34} {v['prefill_s']:>9.3f} {v['prefill_s'] / dense['prefill_s']:>8.2f} {v['step_ms']:>8.2f} "
             f"{v['step_ms'] / dense['step_ms']:>8.2f} {v['kv_mib']:>8.1f}", flush=True)
-    c = e2e_dense_step_check(model, n)
-    _row("e2e_dense_step_check", **c)
+    c = _recorded(e2e_dense_step_check, model, n)
     say(f"dense eager step again over KV lengths already seen (SDPA's cuDNN plans cached): no sync "
         f"{c['no_sync_ms']:.2f} ms, synced every step {c['synced_ms']:.2f} ms; profiler over 4 steps at new "
         f"lengths:\n{c['profile']}", flush=True)
-    g = e2e_generate(model, n)
-    _row("e2e_generate", **g)
+    g = _recorded(e2e_generate, model, n)
     say(f"generate() ms/token, B=1: dense {g['dense']:.2f}, eviction {g['evict']:.2f} "
         f"({g['evict'] / g['dense']:.2f}x)", flush=True)
-    o = e2e_generate_overhead(model, n)
-    _row("e2e_generate_overhead", **o)
+    o = _recorded(e2e_generate_overhead, model, n)
     say(f"dense generate() per token: {o['generate_ms_per_token']:.2f} ms, of which model.forward "
         f"{o['forward_ms_per_token']:.2f} ms and outside it {o['outside_ms_per_token']:.2f} ms "
         f"(forward synchronised at entry and exit); cProfile of the whole generate() by own time:\n"
         f"{o['profile']}", flush=True)
-    gr = e2e_graphs(model, n)
-    _row("e2e_graphs", **gr)
+    gr = _recorded(e2e_graphs, model, n)
     say(f"{'B=8':<34} {'eager ms':>9} {'graph ms':>9} {'tok/s':>9}")
     for impl, v in gr.items():
         label = "dense SDPA + StaticCache" if impl == "dense" else "eviction, evict_every=1"
         say(f"{label:<34} {v['eager_ms']:>9.2f} {v['graph_ms']:>9.2f} {v['graph_tok_s']:>9.0f}")
     say(f"graph tokens/s, eviction / dense: {gr['evict']['graph_tok_s'] / gr['dense']['graph_tok_s']:.2f}x",
         flush=True)
-    c = e2e_capacity(model, n)
-    _row("e2e_capacity", **c)
+    c = _recorded(e2e_capacity, model, n)
     say(f"capacity at {n} tokens: {c['free_gib']:.1f} GiB free after the weights; budget {c['budget']} per layer "
         f"and KV head; decode steps on synthetic caches at the largest batch (see e2e_capacity)")
     for impl, v in ((k, c[k]) for k in ("dense", "evict")):

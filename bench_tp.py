@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 
@@ -31,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 import cab_reference as ref
+from tp_check import join_ranks, shared_temp_dir
 
 VOCAB = 32000
 
@@ -145,22 +144,11 @@ def main():
     ap.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
     ap.add_argument("--smoke", action="store_true", help="CPU processes over gloo, tiny model: checks the script")
     args = ap.parse_args()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world < 2 or (not args.smoke and torch.cuda.device_count() < 2):
-        print(f"bench_tp: skipped: needs two processes with a GPU each (torchrun --nproc-per-node 2 bench_tp.py); "
-              f"found {world} process(es) and {torch.cuda.device_count()} GPU(s)")
+    device = join_ranks("bench_tp", args.smoke)
+    if device is None:
         return 0
-    if args.smoke:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    else:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    rank = dist.get_rank()
-    name = [tempfile.mkdtemp(prefix="bench_tp_") if rank == 0 else None]
-    dist.broadcast_object_list(name, src=0)
-    path = name[0]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    path = shared_temp_dir(rank, prefix="bench_tp_")
     if rank == 0:
         save_random_model(path, args.layers, args.prompt, device, hidden=128 if args.smoke else 2048)
     dist.barrier()

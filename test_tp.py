@@ -28,6 +28,7 @@ CHECKS = {}   # name -> function(rank): every check runs in one spawn of WORLD r
 
 
 def check(fn):
+    """Register fn(rank) in CHECKS; test_every_rank_agrees (at the end) passes when no rank raised."""
     CHECKS[fn.__name__] = fn
     return fn
 
@@ -61,11 +62,6 @@ def failures(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("tp")
     mp.spawn(_run_checks, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
     return {path.name.split(".")[0]: path.read_text() for path in sorted(out_dir.iterdir())}
-
-
-def _expect_pass(failures, name):
-    assert name in CHECKS
-    assert name not in failures, failures.get(name)
 
 
 def _dyadic(*shape, seed):
@@ -117,14 +113,10 @@ def _selection_case(rank, b, h, n, budget):
 
 
 @check
-def per_layer_selection(rank):
+def selection_over_sharded_heads(rank):
+    """Per layer (one all-reduce) and per head (none), for every policy shape, padding and ties."""
     for b, h, n, budget in [(2, 4, 64, 9), (1, 8, 33, 31)]:
         _selection_case(rank, b, h, n, budget)
-
-
-def test_selection_over_sharded_heads_equals_one_process(failures):
-    """Per layer (one all-reduce) and per head (none), for every policy shape, padding and ties."""
-    _expect_pass(failures, "per_layer_selection")
 
 
 def _question_match_case(rank, b, h, n, d):
@@ -142,22 +134,20 @@ def _question_match_case(rank, b, h, n, d):
 
 
 @check
-def question_match(rank):
+def question_match_over_sharded_heads(rank):
     for b, h, n, d in [(1, 4, 40, 16), (2, 8, 57, 8)]:
         _question_match_case(rank, b, h, n, d)
 
 
-def test_question_match_over_sharded_heads_equals_one_process(failures):
-    _expect_pass(failures, "question_match")
-
-
 @check
-def tp_plan_auto(rank):
+def tp_plan_auto_on_gloo(rank):
+    """transformers' tp_plan="auto" on CPU: tokens and kept positions equal one process's (float64)."""
     import tp_check
     sizes = tp_check.Sizes(prompt=96, new_tokens=4, question=8, layers=2, hidden=64, vocab=256)
     assert tp_check.check(sizes, torch.device("cpu"), fast=False)
 
 
-def test_tp_plan_auto_on_gloo_matches_one_process(failures):
-    """transformers' tp_plan="auto" on CPU: tokens and kept positions equal one process's (float64)."""
-    _expect_pass(failures, "tp_plan_auto")
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_every_rank_agrees_with_one_process(failures, name):
+    """Check `name` (its docstring says what it compares) raised on no rank."""
+    assert name not in failures, failures[name]

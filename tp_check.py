@@ -164,9 +164,26 @@ def print_table(title, results):
               f"{'ok' if r['ok'] else 'FAIL'}", flush=True)
 
 
-def shared_temp_dir(rank):
+def join_ranks(script, cpu):
+    """Join the process group started by torchrun (gloo on CPU; else NCCL, one GPU per rank) and return
+    this rank's device; None, after saying why, with fewer than two processes (or GPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2 or (not cpu and torch.cuda.device_count() < 2):
+        print(f"{script}: skipped: needs two processes with a GPU each (torchrun --nproc-per-node 2 {script}.py); "
+              f"found {world} process(es) and {torch.cuda.device_count()} GPU(s)")
+        return None
+    if cpu:
+        dist.init_process_group("gloo")
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", device_id=device)
+    return device
+
+
+def shared_temp_dir(rank, prefix="tp_check_"):
     """A directory rank 0 creates and every rank knows (all ranks share one file system)."""
-    name = [tempfile.mkdtemp(prefix="tp_check_") if rank == 0 else None]
+    name = [tempfile.mkdtemp(prefix=prefix) if rank == 0 else None]
     dist.broadcast_object_list(name, src=0)
     return name[0]
 
@@ -204,22 +221,13 @@ def main():
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 4096, --cpu 256)")
     ap.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 64, --cpu 8)")
     args = ap.parse_args()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world < 2 or (not args.cpu and torch.cuda.device_count() < 2):
-        print(f"tp_check: skipped: needs two processes with a GPU each (torchrun --nproc-per-node 2 tp_check.py); "
-              f"found {world} process(es) and {torch.cuda.device_count()} GPU(s)")
-        return 0
     sizes = Sizes() if not args.cpu else Sizes(prompt=256, new_tokens=8, question=12, layers=2, hidden=128, vocab=512)
     sizes.prompt = args.prompt or sizes.prompt
     sizes.new_tokens = args.new_tokens or sizes.new_tokens
-    if args.cpu:
-        dist.init_process_group("gloo")
-        device = torch.device("cpu")
-    else:
-        local = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
-        device = torch.device("cuda", local)
+    device = join_ranks("tp_check", args.cpu)
+    if device is None:
+        return 0
+    world = dist.get_world_size()
     try:
         ok = check(sizes, device, fast=not args.cpu)
     finally:
