@@ -7,7 +7,7 @@ tensors of more than 2^31 elements (test_robustness.py), the fast cache (test_fa
 
 Tolerance rule (derived, not guessed; NOTES.md has the measured errors):
   truth      = cab_reference.attention in float64 on the test's (already rounded) inputs (itself held to
-               testkit.oracle_attention in test_reference.py; it runs on the GPU where the oracle cannot)
+               testkit.oracle_attention in test_reference.py; it runs on the test's device, the oracle on the CPU)
   yardstick  = what plain PyTorch gets in the test dtype: the reference's float32 softmax, with P rounded
                to the input dtype before P @ V (as every flash kernel does) and the output rounded to it
   outputs:   err(fast) <= 2 * err(yardstick) + u * max|truth| + 1e-6        (the flash-attention rule)
