@@ -604,6 +604,37 @@ def bench_end_to_end(n=32768, layers=16, say=print):
              + f"  {v['tok_s']:.0f} tok/s  peak {v['peak_gib']:.1f} GiB"), flush=True)
 
 
+# ----------------------------------------------------------------------------------------------------
+# What each policy's evidence costs: prefill through the end-to-end model with cab_fast.CabCache(policy)
+
+EVIDENCE_POLICIES = ("h2o", "snapkv", "cab", "bidirectional", "question_aware", "match_span", "sentence_match",
+                     "fact_slots")
+
+
+def bench_policy_overhead(lengths=(4096, 32768), layers=16, question=24):
+    """Prefill seconds with each policy's cache (its evidence and the prompt cut included) against dense
+    SDPA and against h2o (scores only, no evidence). The question is the prompt's last `question` tokens;
+    the prompt's token ids go to the cache (SentenceMatch reads sentence ends from them). Connectivity /
+    curvature bridges are left out: they build the N x N attention graph by definition."""
+    import transformers
+    model = _llama(layers)
+    torch.set_grad_enabled(False)
+    for n in lengths:
+        ids = _prompt(1, n)
+        model.set_attn_implementation("sdpa")
+        dense = min(_synced(lambda: _prefill(model, ids, transformers.DynamicCache()))[0] for _ in range(2))
+        model.set_attn_implementation("cab_fast")
+        row = {"n": n, "dense_s": dense}
+        for name in (p for p in EVIDENCE_POLICIES if p in ref.POLICY_TYPES):
+            def cut():
+                config = ref.EvictionConfig(policy=name, sparsity=0.9)
+                cache = cab_fast.CabCache(config, question_span=(n - question, n), token_ids=ids[0])
+                return _prefill(model, ids, cache)
+            row[name] = min(_synced(cut)[0] for _ in range(2))
+        torch.cuda.empty_cache()
+        yield row
+
+
 def _f(x, fmt="{:8.3f}"):
     return fmt.format(x) if isinstance(x, (int, float)) else f"{'-':>8}"
 
@@ -613,7 +644,7 @@ def main():
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     ap.add_argument("--quick", action="store_true", help="fewer sizes, for a smoke run")
     ap.add_argument("--skip", default="",
-                    help="comma list of sections to skip: overhead,first,prefill,decode,e2e")
+                    help="comma list of sections to skip: overhead,first,prefill,decode,e2e,policies")
     ap.add_argument("--autotune", action="store_true",
                     help="sweep cab_fast's candidate tiles first, print the winning table and use it in this run "
                          "(CAB_AUTOTUNE=1 in the environment instead tunes every shape class on its first call)")
@@ -664,6 +695,13 @@ def main():
                 f"{r['tile']}", flush=True)
     if "e2e" not in skip:
         bench_end_to_end(n=16384 if args.quick else 32768, say=say)
+    if "policies" not in skip:
+        say("\nprefill with each policy's evidence and cut (end-to-end model, B=1, 90%, question = last 24 tokens), "
+            "s; (x h2o) = over the scores-only policy")
+        for r in bench_policy_overhead((4096,) if args.quick else (4096, 32768)):
+            _row("policy_overhead", **r)
+            say(f"N={r['n']:>6}  dense {r['dense_s']:.3f}  " + "  ".join(
+                f"{k} {v:.3f} ({v / r['h2o']:.2f})" for k, v in r.items() if k not in ("n", "dense_s")), flush=True)
     if args.json:
         print(json.dumps({"header": head, "rows": ROWS}, indent=1))
 
