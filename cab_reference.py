@@ -933,11 +933,13 @@ class FactSlots(Policy):
     Parts: `sinks` first tokens, recent_ratio of K most recent tokens, the rest by priority.
     Needs the prompt's token ids and sentence ends (CabCache(token_ids=...), boundary_ids as
     SentenceMatch); without them it ranks by accumulated score (H2O with sinks).
-    Still fails: facts that share no pattern (free prose: one fact per sentence, each worded its own
-    way), where it keeps the sentences with the most mid-frequency words; kinds with more than
-    max_repeat facts (their pattern words count as common). Its success on bridge/paraphrase/lexical
-    suites is a property of those generators (same-type distractor facts among unique filler), not
-    evidence that it finds the answer in real documents.
+    Still fails: answering. At 90% it keeps the slot words without the words that relate them, and the
+    model cannot tell which name goes with which: accuracy after the cut 0.00 on bridge and paraphrase
+    (dense 0.075 / 0.15) while keeping 0.99 / 0.57 of the answer (slot_bonus=0, whole patterned
+    sentences: retention 0.32 / 0.30, accuracy 0.00 / 0.09 on 20 items). Facts that share no pattern
+    (free prose, each fact worded its own way), where it keeps the sentences with the most
+    mid-frequency words; kinds with more than max_repeat facts. Its retention on these suites is a
+    property of their generators (same-type facts among one-off filler), not evidence about real text.
     Measured after the cut (SmolLM2-135M, 40 items per suite, NOTES.md), answer retention at 50 / 75 /
     90% sparsity: bridge 1.00 / 0.99 / 0.99, paraphrase 0.96 / 0.93 / 0.57, lexical 0.90 / 0.90 / 0.73,
     qa_suite 0.93 / 0.93 / 0.77 (random 0.50 / 0.25 / 0.10; h2o and SnapKV <= 0.05 at 90%, a KVzip-style
