@@ -945,9 +945,7 @@ class FactSlots(Policy):
     qa_suite 0.93 / 0.93 / 0.77 (random 0.50 / 0.25 / 0.10; h2o and SnapKV <= 0.05 at 90%, a KVzip-style
     reconstruction score 0.08-0.10). Knob defaults were tuned on the first 12 items of the paraphrase,
     lexical and qa suites; on the other 28 it keeps 0.57 / 0.77 / 0.80 at 90%.
-    Cost: no extra forward; a unique() over the prompt's ids per batch row.
-    Not in POLICY_TYPES yet (testkit's keep promises list it first): EvictionConfig(policy=FactSlots(...)),
-    or register_policy(FactSlots)."""
+    Cost: no extra forward; a unique() over the prompt's ids per batch row."""
     name: ClassVar[str] = "fact_slots"
     sinks: int = 1
     recent_ratio: float = 0.0      # share of the budget for the most recent tokens (at least 1; no question yet)
@@ -992,7 +990,8 @@ class FactSlots(Policy):
 # 5. Choosing: EvictionConfig and select_kept
 
 POLICY_TYPES = {cls.name: cls for cls in (Dense, StreamingLLM, H2O, SnapKV, CAB, QuestionAware, Bidirectional,
-                                          Delayed, DynamicLocal, HybridSemantic, MatchSpan, SentenceMatch)}
+                                          Delayed, DynamicLocal, HybridSemantic, MatchSpan, SentenceMatch,
+                                          FactSlots)}
 
 
 def register_policy(cls):
