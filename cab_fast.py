@@ -56,6 +56,39 @@ import triton.language as tl
 
 import cab_reference as _ref
 
+# The twin's interface is the reference's: the config, the policies and the selection are imported, never
+# redefined (their evidence functions take attention_fn, so none of these runs the slow attention).
+from cab_reference import (
+    CAB,
+    H2O,
+    POLICIES,
+    POLICY_TYPES,
+    Bidirectional,
+    Delayed,
+    Dense,
+    DynamicLocal,
+    EvictionConfig,
+    FactSlots,
+    HybridSemantic,
+    MatchSpan,
+    Policy,
+    QuestionAware,
+    SentenceMatch,
+    SnapKV,
+    StreamingLLM,
+    find_question_span,
+    make_policy,
+    select_kept,
+    select_parts,
+)
+
+__all__ = [  # what this file adds (attention, CabCache, tiles, register) and what it shares with the reference
+    "attention", "CabCache", "tiles", "register", "CAB", "H2O", "POLICIES", "POLICY_TYPES", "Bidirectional",
+    "Delayed", "Dense", "DynamicLocal", "EvictionConfig", "FactSlots", "HybridSemantic", "MatchSpan", "Policy",
+    "QuestionAware", "SentenceMatch", "SnapKV", "StreamingLLM", "find_question_span", "make_policy",
+    "select_kept", "select_parts",
+]
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _AUTOTUNE = os.environ.get("CAB_AUTOTUNE", "0") == "1"
 _LOG2E = tl.constexpr(1.4426950408889634)     # log2(e): the kernels work in base 2 (exp2, log2)
