@@ -35,6 +35,7 @@ import ast
 import dataclasses
 import html as html_lib
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -1036,7 +1037,7 @@ def json_line(record) -> str:
 
 def summarise(rows, plan: Plan) -> list:
     """One summary per (setting, sparsity, policy) with results, plus random eviction's expectation."""
-    keep = {(item["id"]) for item in plan.items}
+    keep = {item["id"] for item in plan.items}
     rows = [r for r in rows if r["id"] in keep]
     settings = list(dict.fromkeys(item["setting"] for item in plan.items))
     out = []
@@ -1071,7 +1072,8 @@ def print_suite(summary, plan: Plan, style, out=None):
     w = (out or sys.stdout).write
     total = len(plan.items)
     setting_items = Counter(item["setting"] for item in plan.items)
-    for (setting, s), group in groupby_keys(summary, ("setting", "sparsity")):
+    for (setting, s), group in itertools.groupby(summary, key=lambda t: (t["setting"], t["sparsity"])):
+        group = list(group)
         first = group[-1]                                          # the random row: every item with a result
         cut = "question after the cut" if plan.args.question_after_cut else "question before the cut"
         what = f"budget {plan.args.budget}" if plan.args.budget else f"sparsity {s:.2f}"
@@ -1091,13 +1093,6 @@ def print_suite(summary, plan: Plan, style, out=None):
                         f"{t['correct']:>8.2f} {t['f1']:>6.2f} {t['vs_dense']:>+8.2f} {t['items']:>5}", colour) + "\n")
     if not summary:
         w(f"\nno results yet (0 of {total} items)\n")
-
-
-def groupby_keys(records, keys):
-    groups = {}
-    for r in records:
-        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
-    return list(groups.items())
 
 
 def run_suite_command(plan: Plan, engine: Engine, style, clock):
