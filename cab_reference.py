@@ -1479,10 +1479,11 @@ class CabCache(EvictionLoop, Cache):
     """A transformers Cache that evicts to config's budget, per layer and KV head.
 
         model = AutoModelForCausalLM.from_pretrained(..., attn_implementation="cab_reference")
-        model.generate(input_ids, past_key_values=CabCache(EvictionConfig(policy="h2o", sparsity=0.9)))
+        model.generate(input_ids, cache=CabCache(EvictionConfig(policy="h2o", sparsity=0.9)))
 
-    Arguments as EvictionLoop's: question_span=(start, end) for the question-based policies (see
-    find_question_span), evict_every, record=True keeps each layer's prompt selection
+    (`cache=` from transformers 5.24; `past_key_values=` before.) Arguments as EvictionLoop's:
+    question_span=(start, end) for the question-based policies (see find_question_span), evict_every,
+    record=True keeps each layer's prompt selection
     (layer.prompt_record), head_group (found by itself under from_pretrained(..., tp_plan="auto"))."""
 
     layer_type = CabLayer
