@@ -857,8 +857,10 @@ class SentenceMatch(Policy):
     a hop-1 sentence won by a distractor sharing more question words; hop 2 won by the one other
     sentence sharing the hop-1 sentence's template ("The Selby Tower was designed by ...") when no third
     sentence shares it, since its three template words then count as much as the entity's tokens
-    (test_policies_hard.py keeps two such distractors); long sentences at a small budget (the hop-2
-    sentence is then kept only in part, its later tokens first).
+    (test_policies_hard.py keeps two such distractors); long sentences at a small budget (a sentence is
+    then kept only in part, its later tokens first: on diagnose.py's default prompt at 90%, 22 slots for
+    the needle's sentence of about 35 tokens, it keeps "... Grenache and Shiraz." and loses "McLaren
+    Vale", retention 0.00, where match_span's neighbourhood keeps it).
     Measured (SmolLM2-135M, 90% sparsity, 40 items per suite, NOTES.md): answer retention on
     bridge_suite.jsonl 1.00 (match_span 0.03, h2o 0.04, random 0.10; hops=1 0.00) with accuracy 0.20
     (dense 0.075), paraphrase_suite.jsonl 1.00 (match_span 0.14) with accuracy 0.175 (dense 0.15),
