@@ -147,7 +147,8 @@ def bench_decode(lengths, heads=32, d=128):
         for n in lengths:
             q, k, v = _qkv(1, n, heads, hkv, d, seed=n)
             r = {"n": n, "hq": heads, "hkv": hkv, "d": d}
-            sdpa = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=hkv != heads)   # noqa: E731
+            def sdpa(q=q, k=k, v=v, gqa=hkv != heads):
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
             r["sdpa_ms"] = _ms(sdpa)
             out, sc = cab_fast.attention(q, k, v)
             assert torch.isfinite(sc).all() and torch.isfinite(out).all()

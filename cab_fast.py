@@ -816,8 +816,9 @@ def attention(q, k, v, *, scale=None, causal=True, key_mask=None, validate=False
 # the new tokens' bottom-right causal mask needs them after the old ones in position order, so the bank is
 # compacted back into position order first (a gather, rare) and rebuilt at the next single-token step.
 
-from transformers import AttentionInterface  # noqa: E402  (the adapter's imports, where a reader sees them)
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
+# the fast cache's transformers imports, where a reader sees them (pyproject.toml lets E402 pass here)
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 _CUT_ELEMENTS = 1 << 24       # a cut ranks at most this many slots at once (its temporaries scale with it)
 

@@ -1426,9 +1426,10 @@ class EvictionLoop:
 # update returned. Everything else about transformers (RoPE, masks for the new tokens, generate's
 # position bookkeeping) stays the library's.
 
-from transformers import AttentionInterface  # noqa: E402  (the adapter's imports, where a reader sees them)
-from transformers.cache_utils import Cache, DynamicLayer  # noqa: E402
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
+# the adapter's imports, where a reader sees them (pyproject.toml lets E402 pass for this file)
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 # transformers passes the attention function neither the cache nor its layer (generate() rejects extra
 # keyword arguments), so update() leaves its layer here and the attention call that follows picks it up;
