@@ -157,9 +157,10 @@ def test_without_boundaries_fixed_segments_are_used():
     ids, question, _ = bridge_prompt(ORDERS[0])
     policy = R.SentenceMatch(segment=4)
     evidence = policy.evidence(prompt_for(ids, question)._replace(token_ids=None))
-    priority = evidence["sentence_match"][0, 0]
-    top = priority[:question[0]] == priority[:question[0]].max()
-    assert int(top.sum()) == 4                           # one whole segment of 4 tokens ranks first
+    priority = evidence["sentence_match"][0, 0, :question[0]]
+    segment = torch.arange(len(priority)) // 4
+    top = segment == segment[priority.argmax()]
+    assert int(top.sum()) == 4 and priority[top].min() > priority[~top].max()   # one whole segment first
 
 
 def test_without_a_question_it_is_heavy_hitters_with_sinks():
@@ -264,3 +265,12 @@ def test_fact_slots_without_token_ids_is_heavy_hitters_with_sinks():
 def test_fact_slots_bad_knobs_name_themselves(knob, value):
     with pytest.raises(ValueError, match=knob):
         R.FactSlots(**{knob: value})
+
+
+def test_nearness_favours_tokens_next_to_rare_matches():
+    weight = torch.zeros(12)
+    weight[3], weight[9] = 1.0, 0.1                      # a word found once at 3, a common one at 9
+    near = R.nearness(weight, torch.arange(12))
+    assert near[3] == 1.0 and near[2] == near[4] == 0.5
+    assert near[1] > near[10]                            # two from the rare word beats one from the common
+    assert torch.equal(R.nearness(torch.zeros(5), torch.arange(5)), torch.zeros(5))
