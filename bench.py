@@ -612,6 +612,7 @@ EVIDENCE_POLICIES = ("h2o", "snapkv", "cab", "bidirectional", "question_aware", 
                      "fact_slots")
 
 
+@torch.no_grad()
 def bench_policy_overhead(lengths=(4096, 32768), layers=16, question=24):
     """Prefill seconds with each policy's cache (its evidence and the prompt cut included) against dense
     SDPA and against h2o (scores only, no evidence). The question is the prompt's last `question` tokens;
@@ -619,7 +620,6 @@ def bench_policy_overhead(lengths=(4096, 32768), layers=16, question=24):
     curvature bridges are left out: they build the N x N attention graph by definition."""
     import transformers
     model = _llama(layers)
-    torch.set_grad_enabled(False)
     for n in lengths:
         ids = _prompt(1, n)
         model.set_attn_implementation("sdpa")

@@ -1097,10 +1097,10 @@ def _cab_fast_forward(module, query, key, value, attention_mask, scaling=None, d
     layer = _ref._last_updated_layer
     if not (isinstance(layer, FastLayer) and layer.keys is key):
         return _reference_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-    if dropout and module.training:
-        raise ValueError(f"dropout: cab attention has no dropout, got {dropout} in training mode")
     cache = layer.loop
     if layer.bank is not None:
+        if dropout and module.training:    # the reference's adapter checks this on every other path
+            raise ValueError(f"dropout: cab attention has no dropout, got {dropout} in training mode")
         try:
             return layer.attend(query, attention_mask, scaling).transpose(1, 2), None   # (B, 1, Hq, D)
         except Exception:

@@ -836,7 +836,7 @@ def hop_sentences(v, question_mask, sentence, key_mask, threshold, hops):
             found = (sid == sid[int(per_sentence.argmax())]) & candidates
             near = nearness(match * found, positions) if hop == 0 else 0.0   # (N,) the question's sentence only
             priority[row] += (hops - hop + 1 + 0.5 * near) * found
-            repeats_query = word_match(vn[row], query, found, threshold) > 0  # words the last query had
+            repeats_query = (match > 0) & found                              # words the last query had
             query, chosen = found & ~repeats_query, chosen | found           # the new words: the bridge
             if not bool(query.any()):
                 break
