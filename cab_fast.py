@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import torch
 import triton
@@ -529,77 +530,133 @@ def _decode_reduce_kernel(Work, KM, Out, Scores,
                           H_KV, G, N_Q, N_K, NUM_SPLITS, PARTS,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                           BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per BLOCK_N keys (many programs, one step each: a loop over the keys of a whole split
-    was latency-bound). Each recomputes the final lse from the split partials, in the same fixed order."""
-    pid_n = tl.program_id(0)
+    """Program (block, batch * KV head). The first cdiv(N_K, BLOCK_N) blocks turn BLOCK_N keys' stored
+    logits into scores; each of the G * N_Q blocks after them writes one row of out. Every program combines
+    the split partials of its rows itself, all splits at once and in the same fixed order (deterministic):
+    one step each, since a loop over splits or keys in a few programs was latency-bound."""
+    pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H_KV).to(tl.int64)
     hkv = pid_bh % H_KV
-    rows = G * N_Q
     Ap, Mp, Lp, Lg = _workspace(Work, PARTS, BLOCK_D=BLOCK_D)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < rows                                            # row tail
     offs_s = tl.arange(0, BLOCK_S)
     s_ok = offs_s < NUM_SPLITS                                      # split tail
     base = pid_bh.to(tl.int64) * NUM_SPLITS * BLOCK_R
-    part = base + offs_s[:, None] * BLOCK_R + offs_r[None, :]
-    m_s = tl.load(Mp + part, mask=s_ok[:, None], other=-1.0e30)     # [BLOCK_S, BLOCK_R]
-    l_s = tl.load(Lp + part, mask=s_ok[:, None], other=0.0)
-    m_all = tl.max(m_s, 0)                                          # [BLOCK_R]
-    l_all = tl.sum(l_s * tl.math.exp2(m_s - m_all[None, :]), 0)
-    if pid_n == 0:                                                  # the output: splits in a fixed order
+    key_blocks = tl.cdiv(N_K, BLOCK_N)
+    if pid < key_blocks:                                            # scores of keys [pid * BLOCK_N, +BLOCK_N)
+        rows = G * N_Q
+        offs_r = tl.arange(0, BLOCK_R)
+        part = base + offs_s[:, None] * BLOCK_R + offs_r[None, :]
+        m_s = tl.load(Mp + part, mask=s_ok[:, None], other=-1.0e30)     # [BLOCK_S, BLOCK_R]
+        l_s = tl.load(Lp + part, mask=s_ok[:, None], other=0.0)
+        m_all = tl.max(m_s, 0)                                      # [BLOCK_R]
+        l_all = tl.sum(l_s * tl.math.exp2(m_s - m_all[None, :]), 0)
+        _store_logit_scores(Scores + pid_bh.to(tl.int64) * N_K, Lg + pid_bh.to(tl.int64) * rows * N_K,
+                            KM + b * skmb, skmn, _lse2(m_all, l_all), offs_r, offs_r < rows,
+                            pid * BLOCK_N + tl.arange(0, BLOCK_N), N_K, HAS_MASK=HAS_MASK)
+    else:                                                           # out row r = (query head g, query i)
+        r = pid - key_blocks
+        part = base + offs_s * BLOCK_R + r
+        m_s = tl.load(Mp + part, mask=s_ok, other=-1.0e30)          # [BLOCK_S]
+        w = tl.math.exp2(m_s - tl.max(m_s, 0))                      # each split's weight; 0 past the tail
+        l_all = tl.sum(tl.load(Lp + part, mask=s_ok, other=0.0) * w, 0)
         offs_d = tl.arange(0, BLOCK_D)
-        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-        for s in range(NUM_SPLITS):
-            row = base + s * BLOCK_R + offs_r
-            w = tl.math.exp2(tl.load(Mp + row) - m_all)
-            acc += tl.load(Ap + row[:, None] * BLOCK_D + offs_d[None, :]) * w[:, None]
-        _store_decode_out(Out, acc, l_all, b, hkv, G, N_Q, sob, soh, som, sod, offs_r, offs_d, r_ok,
-                          HEAD_DIM=HEAD_DIM)
-    _store_logit_scores(Scores + pid_bh.to(tl.int64) * N_K, Lg + pid_bh.to(tl.int64) * rows * N_K,
-                        KM + b * skmb, skmn, _lse2(m_all, l_all), offs_r, r_ok,
-                        pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N_K, HAS_MASK=HAS_MASK)
+        acc = tl.load(Ap + part[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+        out = tl.sum(acc * w[:, None], 0) / tl.where(l_all == 0.0, 1.0, l_all)      # [BLOCK_D]
+        h = (hkv * G + r // N_Q).to(tl.int64)
+        tl.store(Out + b * sob + h * soh + (r % N_Q).to(tl.int64) * som + offs_d * sod,
+                 out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launching: triton's kernel[grid](...) binds ~40 arguments, builds a specialisation key and parses options
-# on every call. A decode step calls it a few times per layer, so after the first launch of a
-# specialisation the compiled kernel is kept and launched directly.
+# Launching. A launch is the tuple (kernel, grid, tensors, ints, floats, num_warps, num_stages, constexprs):
+# every kernel takes its tensors first, then ints, then (all but the reduce kernel) one float. triton's
+# kernel[grid](...) binds ~40 arguments, builds a specialisation key and parses options on every call, and a
+# decode step launches a few kernels per layer: after the first launch of a specialisation the compiled
+# kernel is kept and launched directly.
 
 _DIRECT_LAUNCH = not _INTERPRET
-_COMPILED = {}                # (kernel, device, warps, stages, constexprs, arg specs) -> (compiled, constexpr values)
+_COMPILED = {}                # _specialisation(...) -> (compiled kernel, constexpr values in signature order)
 
 
-def _arg_spec(a):
-    """What triton specialises a launch argument on (a finer key is safe: it only adds cache entries):
-    a tensor's dtype and 16-byte alignment; an int's == 1, divisibility by 16 and 32-bit range."""
-    if type(a) is int:
-        return (a == 1) + 2 * (a & 15 == 0) + 4 * (a >= 2 ** 31)
-    if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() & 15 == 0
-    return type(a)
+def _specialisation(kernel, grid, tensors, ints, floats, num_warps, num_stages, constexprs):
+    """What triton specialises a launch on (a finer key is safe: it only adds cache entries): each tensor's
+    dtype and 16-byte alignment; each int's divisibility by 16, == 1 and 32-bit range. Comprehensions, not
+    a function call per argument: that cost ~10 us per launch."""
+    return (kernel, torch.cuda.current_device(), num_warps, num_stages, *constexprs.values(),
+            *[(t.dtype, t.data_ptr() & 15 == 0) for t in tensors],
+            *[(a & 15 == 0) + 2 * (a == 1) + 4 * (a > 0x7FFFFFFF) for a in ints])
 
 
-def _launch(kernel, grid, args, num_warps, num_stages, **constexprs):
-    """kernel[grid](*args, **constexprs, num_warps=..., num_stages=...), through triton the first time per
-    specialisation (compiling if needed), then the compiled kernel directly. Launch hooks (profilers) and
-    the interpreter always go through triton."""
+def _compile_together(launches):
+    """Compile several new specialisations at once (a cold decode call needs two kernels, ~1 s each, mostly
+    ptxas and the C compiler of triton's launcher, which run outside the GIL)."""
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:                                             # a triton without it: one at a time
+        return
+    with ThreadPoolExecutor(len(launches)) as pool, AsyncCompileMode(pool):
+        for kernel, grid, tensors, ints, floats, warps, stages, constexprs in launches:
+            kernel.warmup(*tensors, *ints, *floats, grid=grid, num_warps=warps, num_stages=stages, **constexprs)
+
+
+def _run(*launches):
+    """Launch in order: through triton the first time per specialisation (compiling if needed; new ones
+    together), then the compiled kernel directly. Launch hooks (profilers) and the interpreter always go
+    through triton."""
     hooks = triton.knobs.runtime
     if not _DIRECT_LAUNCH or hooks.launch_enter_hook.calls or hooks.launch_exit_hook.calls:
-        kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        for kernel, grid, tensors, ints, floats, warps, stages, constexprs in launches:
+            kernel[grid](*tensors, *ints, *floats, num_warps=warps, num_stages=stages, **constexprs)
         return
-    device = torch.cuda.current_device()
-    key = (kernel, device, num_warps, num_stages, *constexprs.items(), *map(_arg_spec, args))
-    entry = _COMPILED.get(key)
-    if entry is None:
-        compiled = kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
-        compiled = compiled.result() if hasattr(compiled, "result") else compiled
-        tail = [constexprs[name] for name in kernel.arg_names[len(args):]]   # constexprs in signature order
-        _COMPILED[key] = (compiled, tail)
+    keys = [_specialisation(*launch) for launch in launches]
+    new = [launch for launch, key in zip(launches, keys) if key not in _COMPILED]
+    if len(new) > 1:
+        _compile_together(new)
+    stream = torch._C._cuda_getCurrentRawStream(keys[0][1])
+    for (kernel, grid, tensors, ints, floats, warps, stages, constexprs), key in zip(launches, keys):
+        entry = _COMPILED.get(key)
+        if entry is None:
+            compiled = kernel[grid](*tensors, *ints, *floats, num_warps=warps, num_stages=stages, **constexprs)
+            compiled = compiled.result() if hasattr(compiled, "result") else compiled
+            tail = [constexprs[name] for name in kernel.arg_names[len(tensors) + len(ints) + len(floats):]]
+            _COMPILED[key] = (compiled, tail)
+            continue
+        compiled, tail = entry
+        compiled.run(grid[0], grid[1], 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *tensors, *ints, *floats, *tail)
+
+
+def _hash_triton():
+    """triton hashes its own library (~0.4 s) once per process, before its first compile or cached-kernel
+    load; started on a daemon thread at import, that overlaps the caller's model loading instead."""
+    try:
+        from triton.runtime.cache import triton_key
+    except ImportError:
         return
-    compiled, tail = entry
-    compiled.run(grid[0], grid[1], 1, torch._C._cuda_getCurrentRawStream(device), compiled.function,
-                 compiled.packed_metadata, None, None, None, *args, *tail)
+    triton_key()
+
+
+if not _INTERPRET:
+    threading.Thread(target=_hash_triton, name="cab_fast: hash triton", daemon=True).start()
+
+
+_SCRATCH = {}                 # (device, stream) -> the float32 decode workspace, reused by the next call
+
+
+def _scratch(numel, device):
+    """A float32 buffer of at least numel elements for one call's intermediates. Calls on one stream run in
+    order, so each stream reuses one buffer (grown as needed); under CUDA-graph capture a fresh one, which
+    the graph keeps."""
+    if _INTERPRET or torch.cuda.is_current_stream_capturing():
+        return torch.empty(numel, dtype=torch.float32, device=device)
+    key = (device, torch._C._cuda_getCurrentRawStream(device.index))
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH[key] = torch.empty(max(numel, 1 << 16), dtype=torch.float32, device=device)
+    return buf
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -641,24 +698,29 @@ def _empty_out(q):
     return torch.empty_strided((b, hq, nq, d), (nq * hq * d, d, hq * d, 1), dtype=q.dtype, device=q.device)
 
 
-def _fwd_triton(q, k, v, key_mask, qk_scale, causal, tile=None):
-    """Kernel 1: (out [B, Hq, Nq, D], lse [B, Hq, Nq] float32, natural log, scale included)."""
+def _fwd_launch(q, k, v, key_mask, qk_scale, causal, out, lse, tile):
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    block_d = _block_d(d)
-    out = _empty_out(q)
-    lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device)
     km, skmb, skmn, has_mask = _mask_args(key_mask, k)
+    bm, bn, warps, stages = tile
+    return (_fwd_kernel, (_cdiv(nq, bm), b * hq), (q, k, v, km, out, lse),
+            (*q.stride(), *k.stride(), *v.stride(), *out.stride(), skmb, skmn, hq, hq // hkv, nq, nk), (qk_scale,),
+            warps, stages, dict(HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=causal, HAS_MASK=has_mask,
+                                PREC=_prec(q.dtype), BLOCK_M=bm, BLOCK_N=bn))
 
-    def launch(t):
-        bm, bn, warps, stages = t
-        _launch(_fwd_kernel, (_cdiv(nq, bm), b * hq),
-                (q, k, v, km, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), skmb, skmn,
-                 hq, hq // hkv, nq, nk, qk_scale), warps, stages,
-                HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, HAS_MASK=has_mask, PREC=_prec(q.dtype),
-                BLOCK_M=bm, BLOCK_N=bn)
 
-    launch(tile or _tile("fwd", q, block_d, (_shape_class(nq), _shape_class(nk), causal, has_mask), launch))
+def _fwd_tile(q, k, v, key_mask, qk_scale, causal, out, lse):
+    shape_class = (_shape_class(q.shape[2]), _shape_class(k.shape[2]), causal, key_mask is not None)
+    return _tile("fwd", q, _block_d(q.shape[-1]), shape_class,
+                 lambda t: _run(_fwd_launch(q, k, v, key_mask, qk_scale, causal, out, lse, t)))
+
+
+def _fwd_triton(q, k, v, key_mask, qk_scale, causal, tile=None):
+    """Kernel 1: (out [B, Hq, Nq, D], lse [B, Hq, Nq] float32, natural log, scale included)."""
+    out = _empty_out(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    tile = tile or _fwd_tile(q, k, v, key_mask, qk_scale, causal, out, lse)
+    _run(_fwd_launch(q, k, v, key_mask, qk_scale, causal, out, lse, tile))
     return out, lse
 
 
@@ -673,97 +735,128 @@ def _fwd_cudnn(q, k, v, scale, causal):
     return out, lse.reshape(q.shape[0], q.shape[1], q.shape[2]).float()
 
 
+_SMALL_PREFILL = 1 << 18       # Nq * Nk below which a prefill is host-bound (Triton's launch is cheaper than cuDNN's)
+
+
 def _cudnn_ok(q, k, key_mask, causal):
     return (key_mask is None and q.is_cuda and q.dtype != torch.float32 and q.shape[-1] in (64, 128)
-            and (not causal or q.shape[2] == k.shape[2]) and q.stride(-1) == 1 and k.stride(-1) == 1)
+            and (not causal or q.shape[2] == k.shape[2]) and q.stride(-1) == 1 and k.stride(-1) == 1
+            and q.shape[2] * k.shape[2] >= _SMALL_PREFILL)
 
 
-def _scores_triton(q, k, key_mask, lse, qk_scale, causal, tile=None, head_splits=None):
-    """Kernel 2: scores [B, Hkv, Nk] float32 from q, k and the saved lse. head_splits > 1 spreads a
-    group's G query heads over that many programs (more programs when B * Hkv * key blocks is too few
-    to fill the GPU) and sums their partial scores afterwards, in a fixed order."""
+def _score_launch(q, k, key_mask, lse, qk_scale, causal, tile, splits):
+    """Kernel 2 as a launch, and the buffer it writes: [B, Hkv, Nk] scores, or with splits > 1 programs
+    per group (more programs when B * Hkv * key blocks is too few to fill the GPU) [B, Hkv, splits, Nk]
+    partials of G // splits query heads each, summed afterwards in a fixed order."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    km, skmb, skmn, has_mask = _mask_args(key_mask, k)
+    bm, bn, warps, stages = tile
+    scores = torch.empty((b, hkv, nk) if splits == 1 else (b, hkv, splits, nk), dtype=torch.float32,
+                         device=q.device)
+    return scores, (_score_kernel, (_cdiv(nk, bn), b * hkv * splits), (q, k, km, lse, scores),
+                    (*q.stride(), *k.stride(), skmb, skmn, hq, hkv, hq // hkv, hq // hkv // splits, nq, nk),
+                    (qk_scale,), warps, stages,
+                    dict(HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=causal, HAS_MASK=has_mask, PREC=_prec(q.dtype),
+                         BLOCK_M=bm, BLOCK_N=bn))
+
+
+def _score_plan(q, k, key_mask, lse, qk_scale, causal, tile=None, head_splits=None):
+    """(scores buffer, launch, head splits) of the score pass, the tile from the table (or tuned)."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     g = hq // hkv
-    block_d = _block_d(d)
-    km, skmb, skmn, has_mask = _mask_args(key_mask, k)
-
-    def launch(t, splits):
-        bm, bn, warps, stages = t
-        shape = (b, hkv, nk) if splits == 1 else (b, hkv, splits, nk)
-        scores = torch.empty(shape, dtype=torch.float32, device=q.device)
-        _launch(_score_kernel, (_cdiv(nk, bn), b * hkv * splits),
-                (q, k, km, lse, scores, *q.stride(), *k.stride(), skmb, skmn, hq, hkv, g, g // splits, nq, nk,
-                 qk_scale), warps, stages,
-                HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, HAS_MASK=has_mask, PREC=_prec(q.dtype),
-                BLOCK_M=bm, BLOCK_N=bn)
-        return scores if splits == 1 else scores.sum(2)
-
     if tile is None:
-        tile = _tile("score", q, block_d, (_shape_class(nq), _shape_class(nk), causal, has_mask),
-                     lambda t: launch(t, 1))
-    if head_splits is None:
-        head_splits = g if g > 1 and _cdiv(nk, tile[1]) * b * hkv < _device(q)[1] else 1
-    return launch(tile, head_splits)
+        shape_class = (_shape_class(nq), _shape_class(nk), causal, key_mask is not None)
+        tile = _tile("score", q, _block_d(d), shape_class,
+                     lambda t: _run(_score_launch(q, k, key_mask, lse, qk_scale, causal, t, 1)[1]))
+    if head_splits is None:     # small problems: the partials' sum would cost more host time than it saves
+        few = _cdiv(nk, tile[1]) * b * hkv < _device(q)[1]
+        head_splits = g if g > 1 and few and nq * nk >= _SMALL_PREFILL else 1
+    return (*_score_launch(q, k, key_mask, lse, qk_scale, causal, tile, head_splits), head_splits)
+
+
+def _summed(scores, splits):
+    return scores if splits == 1 else scores.sum(2)
+
+
+def _scores_triton(q, k, key_mask, lse, qk_scale, causal, tile=None, head_splits=None):
+    """Kernel 2: scores [B, Hkv, Nk] float32 from q, k and the saved lse."""
+    scores, launch, splits = _score_plan(q, k, key_mask, lse, qk_scale, causal, tile, head_splits)
+    _run(launch)
+    return _summed(scores, splits)
 
 
 def _prefill(q, k, v, scale, causal, key_mask, forward="auto"):
     qk_scale = scale * _LOG2E.value
-    out = None
     if forward == "cudnn" or (forward == "auto" and _cudnn_ok(q, k, key_mask, causal)):
         try:
             out, lse = _fwd_cudnn(q, k, v, scale, causal)
+            return out, _scores_triton(q, k, key_mask, lse, qk_scale, causal)
         except RuntimeError:                                        # e.g. an older cuDNN refusing Hq != Hkv
             if forward == "cudnn":
                 raise
-    if out is None:
-        out, lse = _fwd_triton(q, k, v, key_mask, qk_scale, causal)
-    return out, _scores_triton(q, k, key_mask, lse, qk_scale, causal)
+    out = _empty_out(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    tile = _fwd_tile(q, k, v, key_mask, qk_scale, causal, out, lse)
+    scores, score, splits = _score_plan(q, k, key_mask, lse, qk_scale, causal)
+    _run(_fwd_launch(q, k, v, key_mask, qk_scale, causal, out, lse, tile), score)   # compiled together
+    return out, _summed(scores, splits)
 
 
 _MIN_SPLIT = 16 if _INTERPRET else 256    # decode keys one program takes before they are split
+_MAX_SPLITS = 128                         # the reduce kernel combines at most this many splits at once
 
 
 def _reduce_block_n(block_r):
     return 16 if _INTERPRET else max(16, min(256, 4096 // block_r))   # [BLOCK_R, BLOCK_N] <= 4096
 
 
-def _decode(q, k, v, scale, causal, key_mask, tile=None):
-    """Kernels 3 and 4: split-K decode; one launch when one split covers the keys."""
+def _decode_launches(q, k, v, key_mask, qk_scale, causal, out, scores, tile):
+    """Kernels 3 and 4 as launches: split-K decode; one launch when one split covers the keys."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     g = hq // hkv
     rows = g * nq
     block_r = max(16, _next_pow2(rows))
     block_d = _block_d(d)
-    sms = _device(q)[1]
     km, skmb, skmn, has_mask = _mask_args(key_mask, k)
+    block_n, warps, stages, per_sm = tile
+    if block_r > 16:        # tiles are measured at 16 rows; 128 keys x 64 rows gave wrong results on an H100
+        block_n = min(block_n, 64)
+    want = min(_MAX_SPLITS, max(1, per_sm * _device(q)[1] // (b * hkv)))     # programs to fill the GPU
+    split = _cdiv(max(_cdiv(nk, want), _MIN_SPLIT), block_n) * block_n       # splits never overlap
+    splits = _cdiv(nk, split)
+    parts = b * hkv * splits * block_r if splits > 1 else 0        # one (batch, KV head, split, row) each
+    work = _scratch(parts * (block_d + 2) + b * hkv * rows * nk, q.device)
+    strides = (*q.stride(), *k.stride(), *v.stride(), skmb, skmn, *out.stride())
+    partial = (_decode_partial_kernel, (splits, b * hkv), (q, k, v, km, work, out, scores),
+               (*strides, hkv, g, nq, nk, split, splits, parts), (qk_scale,), warps, stages,
+               dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, CAUSAL=causal, HAS_MASK=has_mask,
+                    PREC=_prec(q.dtype), SINGLE=splits == 1, BLOCK_N=block_n))
+    if splits == 1:
+        return (partial,)
+    red_n = _reduce_block_n(block_r)
+    reduce = (_decode_reduce_kernel, (_cdiv(nk, red_n) + rows, b * hkv), (work, km, out, scores),
+              (*out.stride(), skmb, skmn, hkv, g, nq, nk, splits, parts), (), 4, 3,
+              dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_S=max(16, _next_pow2(splits)),
+                   HAS_MASK=has_mask, BLOCK_N=red_n))
+    return partial, reduce
+
+
+def _decode(q, k, v, scale, causal, key_mask, tile=None):
     out = _empty_out(q)
-    scores = torch.empty(b, hkv, nk, dtype=torch.float32, device=q.device)
+    scores = torch.empty(k.shape[:3], dtype=torch.float32, device=q.device)
     qk_scale = scale * _LOG2E.value
 
-    def launch(t):
-        block_n, warps, stages, per_sm = t
-        if block_r > 16:    # tiles are measured at 16 rows; 128 keys x 64 rows gave wrong results on an H100
-            block_n = min(block_n, 64)
-        want = max(1, per_sm * sms // (b * hkv))                    # programs to fill the GPU
-        split = _cdiv(max(_cdiv(nk, want), _MIN_SPLIT), block_n) * block_n   # splits never overlap
-        splits = _cdiv(nk, split)
-        parts = b * hkv * splits * block_r if splits > 1 else 0    # one (batch, KV head, split, row) each
-        work = torch.empty(parts * (block_d + 2) + b * hkv * rows * nk, dtype=torch.float32, device=q.device)
-        _launch(_decode_partial_kernel, (splits, b * hkv),
-                (q, k, v, km, work, out, scores, *q.stride(), *k.stride(), *v.stride(), skmb, skmn,
-                 *out.stride(), hkv, g, nq, nk, split, splits, parts, qk_scale), warps, stages,
-                HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, CAUSAL=causal, HAS_MASK=has_mask,
-                PREC=_prec(q.dtype), SINGLE=splits == 1, BLOCK_N=block_n)
-        if splits > 1:
-            red_n = _reduce_block_n(block_r)
-            _launch(_decode_reduce_kernel, (_cdiv(nk, red_n), b * hkv),
-                    (work, km, out, scores, *out.stride(), skmb, skmn, hkv, g, nq, nk, splits, parts), 4, 3,
-                    HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_S=max(16, _next_pow2(splits)),
-                    HAS_MASK=has_mask, BLOCK_N=red_n)
+    def run(t):
+        _run(*_decode_launches(q, k, v, key_mask, qk_scale, causal, out, scores, t))
 
-    launch(tile or _tile("decode", q, block_d, (_shape_class(nk), b * hkv, block_r), launch))
+    if tile is None:
+        rows = max(16, _next_pow2(q.shape[1] // k.shape[1] * q.shape[2]))
+        tile = _tile("decode", q, _block_d(q.shape[-1]), (_shape_class(k.shape[2]), k.shape[0] * k.shape[1], rows),
+                     run)
+    run(tile)
     return out, scores
 
 
