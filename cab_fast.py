@@ -373,7 +373,7 @@ def _score_inner(acc, kb, Q_base, Lse_base, sqm, sqd, offs_d, offs_n, lo, hi, N_
     return acc
 
 
-@triton.jit(do_not_specialize=["H_Q", "H_KV", "G", "HEADS_PER_PROG", "N_Q", "N_K", "skmb"])
+@triton.jit
 def _score_kernel(Q, K, KM, Lse, Scores,
                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, skmb, skmn,
                   H_Q, H_KV, G, HEADS_PER_PROG, N_Q, N_K, qk_scale,
@@ -524,6 +524,32 @@ def _decode_partial_kernel(Q, K, V, KM, Work, Out, Scores,
         tl.store(Ap + (part + offs_r)[:, None] * BLOCK_D + offs_d[None, :], acc)
 
 
+@triton.jit
+def _reduce_scores(Scores_base, Lg_base, KM_base, stride_kmn, Mp, Lp, part_s, s_ok, rows, start_n, N_K,
+                   HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Scores of keys [start_n, +BLOCK_N): the rows' final lse from their split partials, then the logits."""
+    offs_r = tl.arange(0, BLOCK_R)
+    part = part_s[:, None] + offs_r[None, :]
+    m_s = tl.load(Mp + part, mask=s_ok[:, None], other=-1.0e30)     # [BLOCK_S, BLOCK_R]
+    l_s = tl.load(Lp + part, mask=s_ok[:, None], other=0.0)
+    m_all = tl.max(m_s, 0)                                          # [BLOCK_R]
+    l_all = tl.sum(l_s * tl.math.exp2(m_s - m_all[None, :]), 0)
+    _store_logit_scores(Scores_base, Lg_base, KM_base, stride_kmn, _lse2(m_all, l_all), offs_r, offs_r < rows,
+                        start_n + tl.arange(0, BLOCK_N), N_K, HAS_MASK=HAS_MASK)
+
+
+@triton.jit
+def _reduce_out_row(Out_row, Ap, Mp, Lp, part_s, s_ok, sod, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One row of out: the split accumulators weighted by exp2(m_split - m) and divided by the total sum."""
+    m_s = tl.load(Mp + part_s, mask=s_ok, other=-1.0e30)            # [BLOCK_S]
+    w = tl.math.exp2(m_s - tl.max(m_s, 0))                          # each split's weight; 0 past the tail
+    total = tl.sum(tl.load(Lp + part_s, mask=s_ok, other=0.0) * w, 0)
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.load(Ap + part_s[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)                   # [BLOCK_D]
+    tl.store(Out_row + offs_d * sod, out.to(Out_row.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
 @triton.jit(do_not_specialize=["H_KV", "G", "N_Q", "N_K", "NUM_SPLITS", "PARTS", "skmb"])
 def _decode_reduce_kernel(Work, KM, Out, Scores,
                           sob, soh, som, sod, skmb, skmn,
@@ -540,32 +566,19 @@ def _decode_reduce_kernel(Work, KM, Out, Scores,
     hkv = pid_bh % H_KV
     Ap, Mp, Lp, Lg = _workspace(Work, PARTS, BLOCK_D=BLOCK_D)
     offs_s = tl.arange(0, BLOCK_S)
+    part_s = (pid_bh.to(tl.int64) * NUM_SPLITS + offs_s) * BLOCK_R  # row 0 of each split's partials
     s_ok = offs_s < NUM_SPLITS                                      # split tail
-    base = pid_bh.to(tl.int64) * NUM_SPLITS * BLOCK_R
     key_blocks = tl.cdiv(N_K, BLOCK_N)
-    if pid < key_blocks:                                            # scores of keys [pid * BLOCK_N, +BLOCK_N)
-        rows = G * N_Q
-        offs_r = tl.arange(0, BLOCK_R)
-        part = base + offs_s[:, None] * BLOCK_R + offs_r[None, :]
-        m_s = tl.load(Mp + part, mask=s_ok[:, None], other=-1.0e30)     # [BLOCK_S, BLOCK_R]
-        l_s = tl.load(Lp + part, mask=s_ok[:, None], other=0.0)
-        m_all = tl.max(m_s, 0)                                      # [BLOCK_R]
-        l_all = tl.sum(l_s * tl.math.exp2(m_s - m_all[None, :]), 0)
-        _store_logit_scores(Scores + pid_bh.to(tl.int64) * N_K, Lg + pid_bh.to(tl.int64) * rows * N_K,
-                            KM + b * skmb, skmn, _lse2(m_all, l_all), offs_r, offs_r < rows,
-                            pid * BLOCK_N + tl.arange(0, BLOCK_N), N_K, HAS_MASK=HAS_MASK)
+    rows = G * N_Q
+    if pid < key_blocks:
+        _reduce_scores(Scores + pid_bh.to(tl.int64) * N_K, Lg + pid_bh.to(tl.int64) * rows * N_K, KM + b * skmb,
+                       skmn, Mp, Lp, part_s, s_ok, rows, pid * BLOCK_N, N_K, HAS_MASK=HAS_MASK, BLOCK_R=BLOCK_R,
+                       BLOCK_N=BLOCK_N)
     else:                                                           # out row r = (query head g, query i)
         r = pid - key_blocks
-        part = base + offs_s * BLOCK_R + r
-        m_s = tl.load(Mp + part, mask=s_ok, other=-1.0e30)          # [BLOCK_S]
-        w = tl.math.exp2(m_s - tl.max(m_s, 0))                      # each split's weight; 0 past the tail
-        l_all = tl.sum(tl.load(Lp + part, mask=s_ok, other=0.0) * w, 0)
-        offs_d = tl.arange(0, BLOCK_D)
-        acc = tl.load(Ap + part[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
-        out = tl.sum(acc * w[:, None], 0) / tl.where(l_all == 0.0, 1.0, l_all)      # [BLOCK_D]
         h = (hkv * G + r // N_Q).to(tl.int64)
-        tl.store(Out + b * sob + h * soh + (r % N_Q).to(tl.int64) * som + offs_d * sod,
-                 out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
+        _reduce_out_row(Out + b * sob + h * soh + (r % N_Q).to(tl.int64) * som, Ap, Mp, Lp, part_s + r, s_ok, sod,
+                        HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------------
