@@ -561,7 +561,7 @@ def _recorded(measure, model, n):
     return result
 
 
-def bench_end_to_end(n=32768, layers=16, say=print):
+def bench_end_to_end(n=32768, layers=16, say=print, capacity=True):
     """Every end-to-end figure, dense beside eviction, in one process (rows also go to ROWS for --json)."""
     model = _llama(layers)
     say(f"\nend to end: random Llama ({layers} layers, hidden 2048, 16/4 heads, D=128, bf16), {n}-token prompt, "
@@ -593,6 +593,8 @@ def bench_end_to_end(n=32768, layers=16, say=print):
         say(f"{label:<34} {v['eager_ms']:>9.2f} {v['graph_ms']:>9.2f} {v['graph_tok_s']:>9.0f}")
     say(f"graph tokens/s, eviction / dense: {gr['evict']['graph_tok_s'] / gr['dense']['graph_tok_s']:.2f}x",
         flush=True)
+    if not capacity:
+        return
     c = _recorded(e2e_capacity, model, n)
     say(f"capacity at {n} tokens: {c['free_gib']:.1f} GiB free after the weights; budget {c['budget']} per layer "
         f"and KV head; decode steps on synthetic caches at the largest batch (see e2e_capacity)")
@@ -645,7 +647,7 @@ def main():
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     ap.add_argument("--quick", action="store_true", help="fewer sizes, for a smoke run")
     ap.add_argument("--skip", default="",
-                    help="comma list of sections to skip: overhead,first,prefill,decode,e2e,policies")
+                    help="comma list of sections to skip: overhead,first,prefill,decode,e2e,capacity,policies")
     ap.add_argument("--autotune", action="store_true",
                     help="sweep cab_fast's candidate tiles first, print the winning table and use it in this run "
                          "(CAB_AUTOTUNE=1 in the environment instead tunes every shape class on its first call)")
@@ -695,7 +697,7 @@ def main():
                 f"{_f(r['sdpa_graph_ms'])} {_f(r['fast_graph_ms'])} {_f(r['graph_ratio'], '{:8.2f}')}  "
                 f"{r['tile']}", flush=True)
     if "e2e" not in skip:
-        bench_end_to_end(n=16384 if args.quick else 32768, say=say)
+        bench_end_to_end(n=16384 if args.quick else 32768, say=say, capacity="capacity" not in skip)
     if "policies" not in skip:
         say("\nprefill with each policy's evidence and cut (end-to-end model, B=1, 90%, question = last 24 tokens), "
             "s; (x h2o) = over the scores-only policy")

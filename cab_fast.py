@@ -29,9 +29,10 @@ in place. Two parts, in this order:
    Tiles are fixed ahead of time per (GPU compute capability, kernel, head-dim class, dtype class) in
    _TILES, as FlashAttention does: a call never autotunes. CAB_AUTOTUNE=1 in the environment (read on
    import) times the candidate tiles on the first call of each shape class instead (bench.py --autotune
-   prints a table). Lengths are not specialised on, so a new prompt length reuses the compiled kernels,
-   and after its first launch a compiled kernel is launched directly (_launch), without triton's per-call
-   argument binding.
+   prints a table). The forward and decode kernels do not specialise on lengths, so a new length reuses
+   them; the score pass does (divisible by 16 or not: at most two compiles per shape class, for a pass
+   7-10% faster on the H100). After its first launch a compiled kernel is launched directly (_run),
+   without triton's per-call argument binding, and the kernels a call needs compile together.
 
 2. CabCache (section "fast cache", at the end): the twin of the reference's eviction loop for generation.
    It subclasses cab_reference.CabCache: the same arguments (plus cut_graphs) and methods; policies,
@@ -54,6 +55,21 @@ import threading
 import torch
 import triton
 import triton.language as tl
+
+
+def _hash_triton():
+    """triton hashes its own library (~0.4 s) once per process, before its first compile or cached-kernel
+    load; on a daemon thread started here, that overlaps the imports below and the caller's model loading."""
+    try:
+        from triton.runtime.cache import triton_key
+    except ImportError:
+        return
+    triton_key()
+
+
+if os.environ.get("TRITON_INTERPRET", "0") != "1":     # before the imports below (transformers: ~2 s)
+    threading.Thread(target=_hash_triton, name="cab_fast: hash triton", daemon=True).start()
+
 
 import cab_reference as _ref
 
@@ -105,11 +121,13 @@ _TILES = {
     # NVIDIA H100 80GB HBM3 (sm90), 2026-11-28, torch 2.11, triton 3.6, `bench.py --autotune`: the candidate
     # with the least geometric-mean slowdown over the sweep's sizes (bf16, causal; fwd: N = 4k, 16k GQA 32/8;
     # score: 1k, 16k GQA and 4k MHA; decode: 4k GQA, 32k MHA, 128k GQA and MHA). Runners-up within 10%:
-    # fwd none; score (64, 64, 4, 3) 1.09; decode (64, 4, 4, 8) 1.10. Other head dims use _default_tile.
+    # fwd none; score (64, 64, 4, 3) 1.09. Decode re-swept the same day after the reduce kernel's rewrite
+    # (GQA 32/8 and MHA, 4k-128k, CUDA-graph replay): (64, 4, 3, 1) fastest or within 1% of it at every size
+    # but 64k MHA (+0.3%). Other head dims use _default_tile.
     (9, 0): {
         ("fwd", 128, "half"): (128, 128, 8, 3),
         ("score", 128, "half"): (64, 128, 4, 3),
-        ("decode", 128, "half"): (128, 4, 3, 2),
+        ("decode", 128, "half"): (64, 4, 3, 1),
     },
 }
 
@@ -373,7 +391,7 @@ def _score_inner(acc, kb, Q_base, Lse_base, sqm, sqd, offs_d, offs_n, lo, hi, N_
     return acc
 
 
-@triton.jit
+@triton.jit  # every int specialised (divisible by 16, == 1): 7-10% faster than generic lengths on the H100
 def _score_kernel(Q, K, KM, Lse, Scores,
                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, skmb, skmn,
                   H_Q, H_KV, G, HEADS_PER_PROG, N_Q, N_K, qk_scale,
@@ -642,20 +660,6 @@ def _run(*launches):
                      *tensors, *ints, *floats, *tail)
 
 
-def _hash_triton():
-    """triton hashes its own library (~0.4 s) once per process, before its first compile or cached-kernel
-    load; started on a daemon thread at import, that overlaps the caller's model loading instead."""
-    try:
-        from triton.runtime.cache import triton_key
-    except ImportError:
-        return
-    triton_key()
-
-
-if not _INTERPRET:
-    threading.Thread(target=_hash_triton, name="cab_fast: hash triton", daemon=True).start()
-
-
 _SCRATCH = {}                 # (device, stream) -> the float32 decode workspace, reused by the next call
 
 
@@ -822,7 +826,7 @@ _MAX_SPLITS = 128                         # the reduce kernel combines at most t
 
 
 def _reduce_block_n(block_r):
-    return 16 if _INTERPRET else max(16, min(256, 4096 // block_r))   # [BLOCK_R, BLOCK_N] <= 4096
+    return 16 if _INTERPRET else max(16, min(1024, 16384 // block_r))   # [BLOCK_R, BLOCK_N] <= 16384
 
 
 def _decode_launches(q, k, v, key_mask, qk_scale, causal, out, scores, tile):
@@ -851,7 +855,7 @@ def _decode_launches(q, k, v, key_mask, qk_scale, causal, out, scores, tile):
         return (partial,)
     red_n = _reduce_block_n(block_r)
     reduce = (_decode_reduce_kernel, (_cdiv(nk, red_n) + rows, b * hkv), (work, km, out, scores),
-              (*out.stride(), skmb, skmn, hkv, g, nq, nk, splits, parts), (), 4, 3,
+              (*out.stride(), skmb, skmn, hkv, g, nq, nk, splits, parts), (), 8, 3,
               dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_S=max(16, _next_pow2(splits)),
                    HAS_MASK=has_mask, BLOCK_N=red_n))
     return partial, reduce
