@@ -183,6 +183,19 @@ def test_score_pass_head_splits_agree():
     torch.testing.assert_close(split, one, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("hkv,nk", [(1, 2500), (2, 700)])
+def test_decode_many_splits(hkv, nk, monkeypatch):
+    """The reduce kernel combines every split of a row in one step: up to _MAX_SPLITS (128) of them, more
+    than the interpreter's 4 pretend SMs ever ask for, so a larger GPU is pretended. Then a second call with
+    fewer splits on the same stream reuses the (now larger) workspace."""
+    sms = {} if GPU else {"_DEVICES": {-1: ((0, 0), 1024)}}
+    for name, value in sms.items():
+        monkeypatch.setattr(cab_fast, name, value)
+    q, k, v = peaked_qkv(1, 2 * hkv, hkv, 1, nk, 64, torch.float32, seed=nk)
+    _check(q, k, v, route="decode", label=f"nk={nk} hkv={hkv} (many splits)")
+    _check(q, k[:, :, :300], v[:, :, :300], route="decode", label="  then 300 keys")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Values are not inspected by default (NaN in, NaN out); validate=True checks
 
