@@ -610,11 +610,11 @@ _DIRECT_LAUNCH = not _INTERPRET
 _COMPILED = {}                # _specialisation(...) -> (compiled kernel, constexpr values in signature order)
 
 
-def _specialisation(kernel, grid, tensors, ints, floats, num_warps, num_stages, constexprs):
+def _specialisation(device, kernel, grid, tensors, ints, floats, num_warps, num_stages, constexprs):
     """What triton specialises a launch on (a finer key is safe: it only adds cache entries): each tensor's
     dtype and 16-byte alignment; each int's divisibility by 16, == 1 and 32-bit range. Comprehensions, not
     a function call per argument: that cost ~10 us per launch."""
-    return (kernel, torch.cuda.current_device(), num_warps, num_stages, *constexprs.values(),
+    return (kernel, device, num_warps, num_stages, *constexprs.values(),
             *[(t.dtype, t.data_ptr() & 15 == 0) for t in tensors],
             *[(a & 15 == 0) + 2 * (a == 1) + 4 * (a > 0x7FFFFFFF) for a in ints])
 
@@ -642,11 +642,12 @@ def _run(*launches):
         for kernel, grid, tensors, ints, floats, warps, stages, constexprs in launches:
             kernel[grid](*tensors, *ints, *floats, num_warps=warps, num_stages=stages, **constexprs)
         return
-    keys = [_specialisation(*launch) for launch in launches]
+    device = torch.cuda.current_device()
+    keys = [_specialisation(device, *launch) for launch in launches]
     new = [launch for launch, key in zip(launches, keys) if key not in _COMPILED]
     if len(new) > 1:
         _compile_together(new)
-    stream = torch._C._cuda_getCurrentRawStream(keys[0][1])
+    stream = torch._C._cuda_getCurrentRawStream(device)
     for (kernel, grid, tensors, ints, floats, warps, stages, constexprs), key in zip(launches, keys):
         entry = _COMPILED.get(key)
         if entry is None:
@@ -809,10 +810,11 @@ def _prefill(q, k, v, scale, causal, key_mask, forward="auto"):
     if forward == "cudnn" or (forward == "auto" and _cudnn_ok(q, k, key_mask, causal)):
         try:
             out, lse = _fwd_cudnn(q, k, v, scale, causal)
-            return out, _scores_triton(q, k, key_mask, lse, qk_scale, causal)
         except RuntimeError:                                        # e.g. an older cuDNN refusing Hq != Hkv
             if forward == "cudnn":
                 raise
+        else:
+            return out, _scores_triton(q, k, key_mask, lse, qk_scale, causal)
     out = _empty_out(q)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     tile = _fwd_tile(q, k, v, key_mask, qk_scale, causal, out, lse)
