@@ -22,9 +22,9 @@ in place. Two parts, in this order:
      decode    3. _decode_partial_kernel: split-K over the keys (the Nq * G rows of a KV head in one
                   program per split); each split writes its running max, sum, accumulator and the raw logits
                   of its keys. With one split (short decode) it finishes the job itself: one launch.
-               4. _decode_reduce_kernel: one program per key block; each combines the split partials in a
-                  fixed order (deterministic) into the final lse; the first also writes out; then it turns
-                  its keys' stored logits into probabilities and column sums.
+               4. _decode_reduce_kernel: programs for key blocks and for output rows, each combining every
+                  split's partials of its rows at once, in a fixed order (deterministic): the key blocks
+                  turn their stored logits into probabilities and column sums, the rows write out.
 
    Tiles are fixed ahead of time per (GPU compute capability, kernel, head-dim class, dtype class) in
    _TILES, as FlashAttention does: a call never autotunes. CAB_AUTOTUNE=1 in the environment (read on
@@ -56,6 +56,8 @@ import torch
 import triton
 import triton.language as tl
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
 
 def _hash_triton():
     """triton hashes its own library (~0.4 s) once per process, before its first compile or cached-kernel
@@ -67,7 +69,7 @@ def _hash_triton():
     triton_key()
 
 
-if os.environ.get("TRITON_INTERPRET", "0") != "1":     # before the imports below (transformers: ~2 s)
+if not _INTERPRET:                                  # before the imports below (transformers: ~2 s)
     threading.Thread(target=_hash_triton, name="cab_fast: hash triton", daemon=True).start()
 
 
@@ -106,7 +108,6 @@ __all__ = [  # what this file adds (attention, CabCache, tiles, register) and wh
     "select_kept", "select_parts",
 ]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _AUTOTUNE = os.environ.get("CAB_AUTOTUNE", "0") == "1"
 _LOG2E = tl.constexpr(1.4426950408889634)     # log2(e): the kernels work in base 2 (exp2, log2)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -727,18 +728,25 @@ def _fwd_launch(q, k, v, key_mask, qk_scale, causal, out, lse, tile):
                                 PREC=_prec(q.dtype), BLOCK_M=bm, BLOCK_N=bn))
 
 
-def _fwd_tile(q, k, v, key_mask, qk_scale, causal, out, lse):
-    shape_class = (_shape_class(q.shape[2]), _shape_class(k.shape[2]), causal, key_mask is not None)
-    return _tile("fwd", q, _block_d(q.shape[-1]), shape_class,
-                 lambda t: _run(_fwd_launch(q, k, v, key_mask, qk_scale, causal, out, lse, t)))
+def _prefill_class(q, k, causal, key_mask):
+    """The shape class a prefill kernel is autotuned for (CAB_AUTOTUNE=1)."""
+    return _shape_class(q.shape[2]), _shape_class(k.shape[2]), causal, key_mask is not None
+
+
+def _fwd_plan(q, k, v, key_mask, qk_scale, causal, tile=None):
+    """(out, lse, launch) of kernel 1, its buffers allocated and the tile from the table (or tuned)."""
+    out = _empty_out(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    if tile is None:
+        tile = _tile("fwd", q, _block_d(q.shape[-1]), _prefill_class(q, k, causal, key_mask),
+                     lambda t: _run(_fwd_launch(q, k, v, key_mask, qk_scale, causal, out, lse, t)))
+    return out, lse, _fwd_launch(q, k, v, key_mask, qk_scale, causal, out, lse, tile)
 
 
 def _fwd_triton(q, k, v, key_mask, qk_scale, causal, tile=None):
     """Kernel 1: (out [B, Hq, Nq, D], lse [B, Hq, Nq] float32, natural log, scale included)."""
-    out = _empty_out(q)
-    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    tile = tile or _fwd_tile(q, k, v, key_mask, qk_scale, causal, out, lse)
-    _run(_fwd_launch(q, k, v, key_mask, qk_scale, causal, out, lse, tile))
+    out, lse, launch = _fwd_plan(q, k, v, key_mask, qk_scale, causal, tile)
+    _run(launch)
     return out, lse
 
 
@@ -785,8 +793,7 @@ def _score_plan(q, k, key_mask, lse, qk_scale, causal, tile=None, head_splits=No
     hkv, nk = k.shape[1], k.shape[2]
     g = hq // hkv
     if tile is None:
-        shape_class = (_shape_class(nq), _shape_class(nk), causal, key_mask is not None)
-        tile = _tile("score", q, _block_d(d), shape_class,
+        tile = _tile("score", q, _block_d(d), _prefill_class(q, k, causal, key_mask),
                      lambda t: _run(_score_launch(q, k, key_mask, lse, qk_scale, causal, t, 1)[1]))
     if head_splits is None:     # small problems: the partials' sum would cost more host time than it saves
         few = _cdiv(nk, tile[1]) * b * hkv < _device(q)[1]
@@ -815,11 +822,9 @@ def _prefill(q, k, v, scale, causal, key_mask, forward="auto"):
                 raise
         else:
             return out, _scores_triton(q, k, key_mask, lse, qk_scale, causal)
-    out = _empty_out(q)
-    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    tile = _fwd_tile(q, k, v, key_mask, qk_scale, causal, out, lse)
+    out, lse, forward = _fwd_plan(q, k, v, key_mask, qk_scale, causal)
     scores, score, splits = _score_plan(q, k, key_mask, lse, qk_scale, causal)
-    _run(_fwd_launch(q, k, v, key_mask, qk_scale, causal, out, lse, tile), score)   # compiled together
+    _run(forward, score)                                            # compiled together on a first call
     return out, _summed(scores, splits)
 
 
@@ -831,13 +836,18 @@ def _reduce_block_n(block_r):
     return 16 if _INTERPRET else max(16, min(1024, 16384 // block_r))   # [BLOCK_R, BLOCK_N] <= 16384
 
 
+def _decode_block_r(q, k):
+    """Rows of one decode program: the Nq * G queries of a KV head, padded to a power of two >= 16."""
+    return max(16, _next_pow2(q.shape[1] // k.shape[1] * q.shape[2]))
+
+
 def _decode_launches(q, k, v, key_mask, qk_scale, causal, out, scores, tile):
     """Kernels 3 and 4 as launches: split-K decode; one launch when one split covers the keys."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     g = hq // hkv
     rows = g * nq
-    block_r = max(16, _next_pow2(rows))
+    block_r = _decode_block_r(q, k)
     block_d = _block_d(d)
     km, skmb, skmn, has_mask = _mask_args(key_mask, k)
     block_n, warps, stages, per_sm = tile
@@ -872,9 +882,8 @@ def _decode(q, k, v, scale, causal, key_mask, tile=None):
         _run(*_decode_launches(q, k, v, key_mask, qk_scale, causal, out, scores, t))
 
     if tile is None:
-        rows = max(16, _next_pow2(q.shape[1] // k.shape[1] * q.shape[2]))
-        tile = _tile("decode", q, _block_d(q.shape[-1]), (_shape_class(k.shape[2]), k.shape[0] * k.shape[1], rows),
-                     run)
+        shape_class = (_shape_class(k.shape[2]), k.shape[0] * k.shape[1], _decode_block_r(q, k))
+        tile = _tile("decode", q, _block_d(q.shape[-1]), shape_class, run)
     run(tile)
     return out, scores
 
