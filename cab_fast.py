@@ -49,6 +49,7 @@ imported), slowly and with 16-wide tiles; that is what CI's tests use.
 from __future__ import annotations
 
 import math
+import operator
 import os
 import threading
 
@@ -601,26 +602,53 @@ def _decode_reduce_kernel(Work, KM, Out, Scores,
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launching. A launch is the tuple (kernel, grid, tensors, ints, floats, num_warps, num_stages, constexprs):
-# every kernel takes its tensors first, then ints, then (all but the reduce kernel) one float. triton's
-# kernel[grid](...) binds ~40 arguments, builds a specialisation key and parses options on every call, and a
-# decode step launches a few kernels per layer: after the first launch of a specialisation the compiled
-# kernel is kept and launched directly.
+# Launching. Every kernel takes its tensors first, then ints, then (all but the reduce kernel) one float.
+# A _Launch is one kernel launch of a call minus its tensors: each call binds its own, by position in the
+# call's tensor tuple. triton's kernel[grid](...) binds ~40 arguments, builds a specialisation key and
+# parses options on every call; after its first launch a _Launch keeps the compiled kernel and calls its
+# C launcher directly, the tensors passed as raw pointers (a tensor would cost a driver query each).
 
 _DIRECT_LAUNCH = not _INTERPRET
-_COMPILED = {}                # _specialisation(...) -> (compiled kernel, constexpr values in signature order)
+_COMPILED = {}                # _specialisation(...) -> compiled kernel, shared by every launch that matches
 
 
-def _specialisation(device, kernel, grid, tensors, ints, floats, num_warps, num_stages, constexprs):
-    """What triton specialises a launch on (a finer key is safe: it only adds cache entries): each tensor's
-    dtype and 16-byte alignment; each int's divisibility by 16, == 1 and 32-bit range. Comprehensions, not
-    a function call per argument: that cost ~10 us per launch."""
-    return (kernel, device, num_warps, num_stages, *constexprs.values(),
-            *[(t.dtype, t.data_ptr() & 15 == 0) for t in tensors],
-            *[(a & 15 == 0) + 2 * (a == 1) + 4 * (a > 0x7FFFFFFF) for a in ints])
+class _Launch:
+    __slots__ = ("kernel", "grid", "slots", "arity", "scalars", "warps", "stages", "constexprs", "direct")
+
+    def __init__(self, kernel, grid, slots, scalars, warps, stages, constexprs):
+        self.kernel, self.grid, self.scalars, self.constexprs = kernel, grid, scalars, constexprs
+        self.slots, self.arity = operator.itemgetter(*slots), len(slots)     # call's tensors -> this kernel's
+        self.warps, self.stages = warps, stages
+        self.direct = None        # once compiled: (launcher, function, metadata, grid x, grid y, trailing args)
+
+    def through_triton(self, tensors, warmup=False):
+        args = (*self.slots(tensors), *self.scalars)
+        options = dict(num_warps=self.warps, num_stages=self.stages, **self.constexprs)
+        if warmup:                                                  # compile only
+            return self.kernel.warmup(*args, grid=self.grid, **options)
+        return self.kernel[self.grid](*args, **options)
+
+    def keep(self, compiled):
+        trailing = [self.constexprs[name] for name in self.kernel.arg_names[self.arity + len(self.scalars):]]
+        launcher = compiled.run                      # first: this loads the module and sets .function
+        self.direct = (launcher, compiled.function, compiled.packed_metadata, self.grid[0], self.grid[1],
+                       (*self.scalars, *trailing))
+
+    def launch(self, tensors, stream):
+        launcher, function, metadata, grid_x, grid_y, trailing = self.direct
+        launcher(grid_x, grid_y, 1, stream, function, metadata, None, None, None,
+                 *[t.data_ptr() for t in self.slots(tensors)], *trailing)
 
 
-def _compile_together(launches):
+def _specialisation(device, launch, tensors):
+    """What triton specialises a launch on (a finer key is safe: it only adds entries): each tensor's dtype
+    and 16-byte alignment; each int's divisibility by 16, == 1 and 32-bit range."""
+    return (launch.kernel, device, launch.warps, launch.stages, *launch.constexprs.values(),
+            *[(t.dtype, t.data_ptr() & 15 == 0) for t in launch.slots(tensors)],
+            *[(a & 15 == 0) + 2 * (a == 1) + 4 * (a > 0x7FFFFFFF) for a in launch.scalars if type(a) is int])
+
+
+def _compile_together(launches, tensors):
     """Compile several new specialisations at once (a cold decode call needs two kernels, ~1 s each, mostly
     ptxas and the C compiler of triton's launcher, which run outside the GIL)."""
     try:
@@ -630,36 +658,45 @@ def _compile_together(launches):
     except ImportError:                                             # a triton without it: one at a time
         return
     with ThreadPoolExecutor(len(launches)) as pool, AsyncCompileMode(pool):
-        for kernel, grid, tensors, ints, floats, warps, stages, constexprs in launches:
-            kernel.warmup(*tensors, *ints, *floats, grid=grid, num_warps=warps, num_stages=stages, **constexprs)
+        for launch in launches:
+            launch.through_triton(tensors, warmup=True)
 
 
-def _run(*launches):
-    """Launch in order: through triton the first time per specialisation (compiling if needed; new ones
-    together), then the compiled kernel directly. Launch hooks (profilers) and the interpreter always go
+def _first_run(launches, tensors, device, stream):
+    """A plan's first call: each launch finds its compiled kernel by specialisation, or launches through
+    triton, which compiles it (new ones together); either way it keeps the kernel for direct launches."""
+    keys = [_specialisation(device, launch, tensors) for launch in launches]
+    new = [launch for launch, key in zip(launches, keys) if key not in _COMPILED]
+    if len(new) > 1:
+        _compile_together(new, tensors)
+    for launch, key in zip(launches, keys):
+        compiled = _COMPILED.get(key)
+        if compiled is None:
+            compiled = launch.through_triton(tensors)
+            _COMPILED[key] = compiled = compiled.result() if hasattr(compiled, "result") else compiled
+            launch.keep(compiled)
+            continue
+        launch.keep(compiled)
+        launch.launch(tensors, stream)
+
+
+def _run(launches, tensors):
+    """Launch in order with this call's tensors. Launch hooks (profilers) and the interpreter always go
     through triton."""
     hooks = triton.knobs.runtime
     if not _DIRECT_LAUNCH or hooks.launch_enter_hook.calls or hooks.launch_exit_hook.calls:
-        for kernel, grid, tensors, ints, floats, warps, stages, constexprs in launches:
-            kernel[grid](*tensors, *ints, *floats, num_warps=warps, num_stages=stages, **constexprs)
+        for launch in launches:
+            launch.through_triton(tensors)
         return
-    device = torch.cuda.current_device()
-    keys = [_specialisation(device, *launch) for launch in launches]
-    new = [launch for launch, key in zip(launches, keys) if key not in _COMPILED]
-    if len(new) > 1:
-        _compile_together(new)
+    device = tensors[0].get_device()
+    if device != torch.cuda.current_device():                       # the module and stream of q's device
+        with torch.cuda.device(device):
+            return _run(launches, tensors)
     stream = torch._C._cuda_getCurrentRawStream(device)
-    for (kernel, grid, tensors, ints, floats, warps, stages, constexprs), key in zip(launches, keys):
-        entry = _COMPILED.get(key)
-        if entry is None:
-            compiled = kernel[grid](*tensors, *ints, *floats, num_warps=warps, num_stages=stages, **constexprs)
-            compiled = compiled.result() if hasattr(compiled, "result") else compiled
-            tail = [constexprs[name] for name in kernel.arg_names[len(tensors) + len(ints) + len(floats):]]
-            _COMPILED[key] = (compiled, tail)
-            continue
-        compiled, tail = entry
-        compiled.run(grid[0], grid[1], 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                     *tensors, *ints, *floats, *tail)
+    if launches[0].direct is None or launches[-1].direct is None:   # a plan's launches are kept together
+        return _first_run(launches, tensors, device, stream)
+    for launch in launches:
+        launch.launch(tensors, stream)
 
 
 _SCRATCH = {}                 # (device, stream) -> the float32 decode workspace, reused by the next call
@@ -702,30 +739,43 @@ def _prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _mask_args(key_mask, k):
-    """(pointer, batch stride, key stride, HAS_MASK); without a mask k stands in as a pointer never read."""
-    if key_mask is None:
-        return k, 0, 0, False
-    km = key_mask.view(torch.uint8)                                 # same storage, no copy
-    return km, km.stride(0), km.stride(1), True
+def _mask_args(key_mask):
+    """(batch stride, key stride, HAS_MASK) of key_mask; without one, k stands in as a pointer never read."""
+    return (0, 0, False) if key_mask is None else (*key_mask.stride(), True)
+
+
+def _mask_tensor(key_mask, k):
+    return k if key_mask is None else key_mask.view(torch.uint8)    # same storage, no copy
+
+
+def _out_layout(q):
+    """(size, stride) of out: [B, Nq, Hq, D] memory seen as [B, Hq, Nq, D]. transformers wants the former,
+    so its transpose(1, 2).contiguous() becomes free."""
+    b, hq, nq, d = q.shape
+    return (b, hq, nq, d), (nq * hq * d, d, hq * d, 1)
 
 
 def _empty_out(q):
-    """Output in [B, Nq, Hq, D] memory, returned as the [B, Hq, Nq, D] view: transformers wants the
-    former, so its transpose(1, 2).contiguous() becomes free."""
-    b, hq, nq, d = q.shape
-    return torch.empty_strided((b, hq, nq, d), (nq * hq * d, d, hq * d, 1), dtype=q.dtype, device=q.device)
+    return torch.empty_strided(*_out_layout(q), dtype=q.dtype, device=q.device)
 
 
-def _fwd_launch(q, k, v, key_mask, qk_scale, causal, out, lse, tile):
+# A call's tensors, in this order (a launch names its kernel's by position; a decode call has no lse, a
+# prefill call no workspace).
+_Q, _K, _V, _KM, _OUT, _LSE, _SCORES, _WORK = range(8)
+
+
+def _fwd_launch(q, k, v, key_mask, qk_scale, causal, tile):
+    """Kernel 1 over (q, k, v, km, out, lse) of a prefill call."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    km, skmb, skmn, has_mask = _mask_args(key_mask, k)
+    skmb, skmn, has_mask = _mask_args(key_mask)
     bm, bn, warps, stages = tile
-    return (_fwd_kernel, (_cdiv(nq, bm), b * hq), (q, k, v, km, out, lse),
-            (*q.stride(), *k.stride(), *v.stride(), *out.stride(), skmb, skmn, hq, hq // hkv, nq, nk), (qk_scale,),
-            warps, stages, dict(HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=causal, HAS_MASK=has_mask,
-                                PREC=_prec(q.dtype), BLOCK_M=bm, BLOCK_N=bn))
+    out_stride = _out_layout(q)[1]
+    return _Launch(_fwd_kernel, (_cdiv(nq, bm), b * hq), (_Q, _K, _V, _KM, _OUT, _LSE),
+                   (*q.stride(), *k.stride(), *v.stride(), *out_stride, skmb, skmn, hq, hq // hkv, nq, nk,
+                    qk_scale), warps, stages,
+                   dict(HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=causal, HAS_MASK=has_mask, PREC=_prec(q.dtype),
+                        BLOCK_M=bm, BLOCK_N=bn))
 
 
 def _prefill_class(q, k, causal, key_mask):
@@ -733,20 +783,16 @@ def _prefill_class(q, k, causal, key_mask):
     return _shape_class(q.shape[2]), _shape_class(k.shape[2]), causal, key_mask is not None
 
 
-def _fwd_plan(q, k, v, key_mask, qk_scale, causal, tile=None):
-    """(out, lse, launch) of kernel 1, its buffers allocated and the tile from the table (or tuned)."""
-    out = _empty_out(q)
-    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    if tile is None:
-        tile = _tile("fwd", q, _block_d(q.shape[-1]), _prefill_class(q, k, causal, key_mask),
-                     lambda t: _run(_fwd_launch(q, k, v, key_mask, qk_scale, causal, out, lse, t)))
-    return out, lse, _fwd_launch(q, k, v, key_mask, qk_scale, causal, out, lse, tile)
+def _fwd_tile(q, k, v, key_mask, qk_scale, causal):
+    return _tile("fwd", q, _block_d(q.shape[-1]), _prefill_class(q, k, causal, key_mask),
+                 lambda t: _fwd_triton(q, k, v, key_mask, qk_scale, causal, t))
 
 
 def _fwd_triton(q, k, v, key_mask, qk_scale, causal, tile=None):
-    """Kernel 1: (out [B, Hq, Nq, D], lse [B, Hq, Nq] float32, natural log, scale included)."""
-    out, lse, launch = _fwd_plan(q, k, v, key_mask, qk_scale, causal, tile)
-    _run(launch)
+    """Kernel 1 alone: (out [B, Hq, Nq, D], lse [B, Hq, Nq] float32, natural log, scale included)."""
+    launch = _fwd_launch(q, k, v, key_mask, qk_scale, causal, tile or _fwd_tile(q, k, v, key_mask, qk_scale, causal))
+    out, lse = _empty_out(q), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    _run((launch,), (q, k, v, _mask_tensor(key_mask, k), out, lse))
     return out, lse
 
 
@@ -770,62 +816,90 @@ def _cudnn_ok(q, k, key_mask, causal):
             and q.shape[2] * k.shape[2] >= _SMALL_PREFILL)
 
 
-def _score_launch(q, k, key_mask, lse, qk_scale, causal, tile, splits):
-    """Kernel 2 as a launch, and the buffer it writes: [B, Hkv, Nk] scores, or with splits > 1 programs
-    per group (more programs when B * Hkv * key blocks is too few to fill the GPU) [B, Hkv, splits, Nk]
-    partials of G // splits query heads each, summed afterwards in a fixed order."""
+def _score_launch(q, k, key_mask, qk_scale, causal, tile, splits):
+    """Kernel 2 over (q, k, km, lse, scores) of a prefill call. scores is [B, Hkv, Nk], or with splits > 1
+    programs per group [B, Hkv, splits, Nk]: partials of G // splits query heads each, summed afterwards in
+    a fixed order."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    km, skmb, skmn, has_mask = _mask_args(key_mask, k)
+    skmb, skmn, has_mask = _mask_args(key_mask)
     bm, bn, warps, stages = tile
-    scores = torch.empty((b, hkv, nk) if splits == 1 else (b, hkv, splits, nk), dtype=torch.float32,
-                         device=q.device)
-    return scores, (_score_kernel, (_cdiv(nk, bn), b * hkv * splits), (q, k, km, lse, scores),
-                    (*q.stride(), *k.stride(), skmb, skmn, hq, hkv, hq // hkv, hq // hkv // splits, nq, nk),
-                    (qk_scale,), warps, stages,
-                    dict(HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=causal, HAS_MASK=has_mask, PREC=_prec(q.dtype),
-                         BLOCK_M=bm, BLOCK_N=bn))
+    return _Launch(_score_kernel, (_cdiv(nk, bn), b * hkv * splits), (_Q, _K, _KM, _LSE, _SCORES),
+                   (*q.stride(), *k.stride(), skmb, skmn, hq, hkv, hq // hkv, hq // hkv // splits, nq, nk,
+                    qk_scale), warps, stages,
+                   dict(HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=causal, HAS_MASK=has_mask, PREC=_prec(q.dtype),
+                        BLOCK_M=bm, BLOCK_N=bn))
 
 
-def _score_plan(q, k, key_mask, lse, qk_scale, causal, tile=None, head_splits=None):
-    """(scores buffer, launch, head splits) of the score pass, the tile from the table (or tuned)."""
-    b, hq, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    g = hq // hkv
-    if tile is None:
-        tile = _tile("score", q, _block_d(d), _prefill_class(q, k, causal, key_mask),
-                     lambda t: _run(_score_launch(q, k, key_mask, lse, qk_scale, causal, t, 1)[1]))
-    if head_splits is None:     # small problems: the partials' sum would cost more host time than it saves
-        few = _cdiv(nk, tile[1]) * b * hkv < _device(q)[1]
-        head_splits = g if g > 1 and few and nq * nk >= _SMALL_PREFILL else 1
-    return (*_score_launch(q, k, key_mask, lse, qk_scale, causal, tile, head_splits), head_splits)
+def _scores_shape(k, splits):
+    b, hkv, nk = k.shape[:3]
+    return (b, hkv, nk) if splits == 1 else (b, hkv, splits, nk)
 
 
 def _summed(scores, splits):
     return scores if splits == 1 else scores.sum(2)
 
 
+def _score_tile(q, k, v, key_mask, qk_scale, causal, lse=None):
+    """The score pass's tile (CAB_AUTOTUNE=1: timed on this call, with the lse of kernel 1 if none is given)."""
+    def timed(tile):
+        nonlocal lse
+        lse = _fwd_triton(q, k, v, key_mask, qk_scale, causal)[1] if lse is None else lse
+        _scores_triton(q, k, key_mask, lse, qk_scale, causal, tile, head_splits=1)
+    return _tile("score", q, _block_d(q.shape[-1]), _prefill_class(q, k, causal, key_mask), timed)
+
+
+def _head_splits(q, k, causal, tile):
+    """Programs per group in the score pass: one program takes its key block for all G query heads, unless
+    B * Hkv * key blocks programs are too few to fill the GPU; then one per query head. Not for small
+    problems: the partials' sum would cost more host time than it saves."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    few = _cdiv(nk, tile[1]) * b * hkv < _device(q)[1]
+    return hq // hkv if hq > hkv and few and nq * nk >= _SMALL_PREFILL else 1
+
+
 def _scores_triton(q, k, key_mask, lse, qk_scale, causal, tile=None, head_splits=None):
-    """Kernel 2: scores [B, Hkv, Nk] float32 from q, k and the saved lse."""
-    scores, launch, splits = _score_plan(q, k, key_mask, lse, qk_scale, causal, tile, head_splits)
-    _run(launch)
+    """Kernel 2 alone: scores [B, Hkv, Nk] float32 from q, k and the saved lse."""
+    tile = tile or _score_tile(q, k, None, key_mask, qk_scale, causal, lse)
+    splits = head_splits or _head_splits(q, k, causal, tile)
+    scores = torch.empty(_scores_shape(k, splits), dtype=torch.float32, device=q.device)
+    _run((_score_launch(q, k, key_mask, qk_scale, causal, tile, splits),),
+         (q, k, None, _mask_tensor(key_mask, k), None, lse, scores))
     return _summed(scores, splits)
 
 
-def _prefill(q, k, v, scale, causal, key_mask, forward="auto"):
+def _prefill_plan(q, k, v, key_mask, scale, causal, forward):
+    """run(q, k, v, key_mask) -> (out, scores): a forward for out and lse (cuDNN's where it applies and
+    forward is "auto", or as forced: "cudnn" | "triton"), then the score pass."""
     qk_scale = scale * _LOG2E.value
-    if forward == "cudnn" or (forward == "auto" and _cudnn_ok(q, k, key_mask, causal)):
-        try:
-            out, lse = _fwd_cudnn(q, k, v, scale, causal)
-        except RuntimeError:                                        # e.g. an older cuDNN refusing Hq != Hkv
-            if forward == "cudnn":
-                raise
+    cudnn = forward == "cudnn" or (forward == "auto" and _cudnn_ok(q, k, key_mask, causal))
+    fwd = () if cudnn else (_fwd_launch(q, k, v, key_mask, qk_scale, causal,
+                                        _fwd_tile(q, k, v, key_mask, qk_scale, causal)),)
+    tile = _score_tile(q, k, v, key_mask, qk_scale, causal)
+    splits = _head_splits(q, k, causal, tile)
+    launches = (*fwd, _score_launch(q, k, key_mask, qk_scale, causal, tile, splits))
+    out_layout, lse_shape, scores_shape = _out_layout(q), tuple(q.shape[:3]), _scores_shape(k, splits)
+    dtype, device = q.dtype, q.device
+    fallback = None
+
+    def run(q, k, v, key_mask):
+        nonlocal fallback
+        if cudnn:
+            try:
+                out, lse = _fwd_cudnn(q, k, v, scale, causal)
+            except RuntimeError:                                    # e.g. an older cuDNN refusing Hq != Hkv
+                if forward == "cudnn":
+                    raise
+                fallback = fallback or _prefill_plan(q, k, v, key_mask, scale, causal, "triton")
+                return fallback(q, k, v, key_mask)
         else:
-            return out, _scores_triton(q, k, key_mask, lse, qk_scale, causal)
-    out, lse, forward = _fwd_plan(q, k, v, key_mask, qk_scale, causal)
-    scores, score, splits = _score_plan(q, k, key_mask, lse, qk_scale, causal)
-    _run(forward, score)                                            # compiled together on a first call
-    return out, _summed(scores, splits)
+            out = torch.empty_strided(*out_layout, dtype=dtype, device=device)
+            lse = torch.empty(lse_shape, dtype=torch.float32, device=device)
+        scores = torch.empty(scores_shape, dtype=torch.float32, device=device)
+        _run(launches, (q, k, v, _mask_tensor(key_mask, k), out, lse, scores))   # a first call compiles both at once
+        return out, _summed(scores, splits)
+    return run
 
 
 _MIN_SPLIT = 16 if _INTERPRET else 256    # decode keys one program takes before they are split
@@ -841,15 +915,16 @@ def _decode_block_r(q, k):
     return max(16, _next_pow2(q.shape[1] // k.shape[1] * q.shape[2]))
 
 
-def _decode_launches(q, k, v, key_mask, qk_scale, causal, out, scores, tile):
-    """Kernels 3 and 4 as launches: split-K decode; one launch when one split covers the keys."""
+def _decode_launches(q, k, v, key_mask, qk_scale, causal, tile):
+    """Kernels 3 and 4 over (q, k, v, km, out, scores, work) of a decode call (one launch when one split
+    covers the keys), and the float32 workspace they need."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     g = hq // hkv
     rows = g * nq
     block_r = _decode_block_r(q, k)
     block_d = _block_d(d)
-    km, skmb, skmn, has_mask = _mask_args(key_mask, k)
+    skmb, skmn, has_mask = _mask_args(key_mask)
     block_n, warps, stages, per_sm = tile
     if block_r > 16:        # tiles are measured at 16 rows; 128 keys x 64 rows gave wrong results on an H100
         block_n = min(block_n, 64)
@@ -857,49 +932,96 @@ def _decode_launches(q, k, v, key_mask, qk_scale, causal, out, scores, tile):
     split = _cdiv(max(_cdiv(nk, want), _MIN_SPLIT), block_n) * block_n       # splits never overlap
     splits = _cdiv(nk, split)
     parts = b * hkv * splits * block_r if splits > 1 else 0        # one (batch, KV head, split, row) each
-    work = _scratch(parts * (block_d + 2) + b * hkv * rows * nk, q.device)
-    strides = (*q.stride(), *k.stride(), *v.stride(), skmb, skmn, *out.stride())
-    partial = (_decode_partial_kernel, (splits, b * hkv), (q, k, v, km, work, out, scores),
-               (*strides, hkv, g, nq, nk, split, splits, parts), (qk_scale,), warps, stages,
-               dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, CAUSAL=causal, HAS_MASK=has_mask,
-                    PREC=_prec(q.dtype), SINGLE=splits == 1, BLOCK_N=block_n))
+    work = parts * (block_d + 2) + b * hkv * rows * nk
+    out_stride = _out_layout(q)[1]
+    partial = _Launch(_decode_partial_kernel, (splits, b * hkv), (_Q, _K, _V, _KM, _WORK, _OUT, _SCORES),
+                      (*q.stride(), *k.stride(), *v.stride(), skmb, skmn, *out_stride,
+                       hkv, g, nq, nk, split, splits, parts, qk_scale), warps, stages,
+                      dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, CAUSAL=causal, HAS_MASK=has_mask,
+                           PREC=_prec(q.dtype), SINGLE=splits == 1, BLOCK_N=block_n))
     if splits == 1:
-        return (partial,)
+        return (partial,), work
     red_n = _reduce_block_n(block_r)
-    reduce = (_decode_reduce_kernel, (_cdiv(nk, red_n) + rows, b * hkv), (work, km, out, scores),
-              (*out.stride(), skmb, skmn, hkv, g, nq, nk, splits, parts), (), 8, 3,
-              dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_S=max(16, _next_pow2(splits)),
-                   HAS_MASK=has_mask, BLOCK_N=red_n))
-    return partial, reduce
+    reduce = _Launch(_decode_reduce_kernel, (_cdiv(nk, red_n) + rows, b * hkv), (_WORK, _KM, _OUT, _SCORES),
+                     (*out_stride, skmb, skmn, hkv, g, nq, nk, splits, parts), 8, 3,
+                     dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_S=max(16, _next_pow2(splits)),
+                          HAS_MASK=has_mask, BLOCK_N=red_n))
+    return (partial, reduce), work
+
+
+def _decode_plan(q, k, v, key_mask, scale, causal, tile=None):
+    """run(q, k, v, key_mask) -> (out, scores) by the split-K decode kernels."""
+    if tile is None:
+        shape_class = (_shape_class(k.shape[2]), k.shape[0] * k.shape[1], _decode_block_r(q, k))
+        tile = _tile("decode", q, _block_d(q.shape[-1]), shape_class,
+                     lambda t: _decode_plan(q, k, v, key_mask, scale, causal, t)(q, k, v, key_mask))
+    launches, work = _decode_launches(q, k, v, key_mask, scale * _LOG2E.value, causal, tile)
+    out_layout, scores_shape, dtype, device = _out_layout(q), tuple(k.shape[:3]), q.dtype, q.device
+
+    def run(q, k, v, key_mask):
+        out = torch.empty_strided(*out_layout, dtype=dtype, device=device)
+        scores = torch.empty(scores_shape, dtype=torch.float32, device=device)
+        _run(launches, (q, k, v, _mask_tensor(key_mask, k), out, None, scores, _scratch(work, device)))
+        return out, scores
+    return run
 
 
 def _decode(q, k, v, scale, causal, key_mask, tile=None):
-    out = _empty_out(q)
-    scores = torch.empty(k.shape[:3], dtype=torch.float32, device=q.device)
-    qk_scale = scale * _LOG2E.value
+    return _decode_plan(q, k, v, key_mask, scale, causal, tile)(q, k, v, key_mask)
 
-    def run(t):
-        _run(*_decode_launches(q, k, v, key_mask, qk_scale, causal, out, scores, t))
 
-    if tile is None:
-        shape_class = (_shape_class(k.shape[2]), k.shape[0] * k.shape[1], _decode_block_r(q, k))
-        tile = _tile("decode", q, _block_d(q.shape[-1]), shape_class, run)
-    run(tile)
-    return out, scores
+# ----------------------------------------------------------------------------------------------------
+# Plans. What a call launches follows from its inputs' metadata alone: shapes, strides, dtypes, device and
+# 16-byte alignment (which triton specialises on), with scale, causal and the route. A plan is made, and the
+# checks run, once per metadata; a later call with the same metadata (a decode step over a cache of static
+# shape, as cab_fast.CabCache's is after its cut) only allocates its outputs, binds pointers and launches.
+# A call of a new shape (a cache that grows by a key a step) makes a plan, its kernels found by
+# specialisation in _COMPILED. The _PLAN_LIMIT most recently made plans are kept.
+
+_PLANS = {}
+_PLAN_LIMIT = 256
+
+
+def _metadata(t):
+    return t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15
+
+
+def _plan(q, k, v, key_mask, scale, causal, route, validate):
+    """The plan for this call's metadata: kept, or made after the checks (validate=True always checks)."""
+    try:
+        key = (*_metadata(q), *_metadata(k), *_metadata(v), None if key_mask is None else _metadata(key_mask),
+               type(scale), scale, causal, route)
+        plan = _PLANS.get(key)
+    except (AttributeError, TypeError, RuntimeError):   # not tensors, an unhashable scale: the checks say
+        key = plan = None
+    if plan is None or validate:
+        _check_inputs(q, k, v, key_mask, scale, validate)
+    if plan is None:
+        plan = _new_plan(q, k, v, key_mask, scale, causal, route)
+        if key is not None:
+            if len(_PLANS) >= _PLAN_LIMIT:
+                del _PLANS[next(iter(_PLANS))]                      # the oldest
+            _PLANS[key] = plan
+    return plan
+
+
+def _new_plan(q, k, v, key_mask, scale, causal, route):
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if nq == 0 or nk == 0 or b == 0:
+        return lambda q, k, v, key_mask: (torch.zeros_like(q),
+                                          torch.zeros(b, hkv, nk, dtype=torch.float32, device=q.device))
+    if route == "decode" or (route == "auto" and nq * (hq // hkv) <= DECODE_MAX_ROWS):
+        return _decode_plan(q, k, v, key_mask, scale, causal)
+    forward = {"auto": "auto", "prefill": "triton", "cudnn": "cudnn"}[route]
+    return _prefill_plan(q, k, v, key_mask, scale, causal, forward)
 
 
 def _attention(q, k, v, *, scale=None, causal=True, key_mask=None, validate=False, route="auto"):
     """attention() with the route exposed for tests and bench.py: "auto", "prefill" (Triton forward),
     "cudnn" (vendor forward + score kernel), "decode" (split-K kernels)."""
-    _check_inputs(q, k, v, key_mask, scale, validate)
-    b, hq, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    if nq == 0 or nk == 0 or b == 0:
-        return torch.zeros_like(q), torch.zeros(b, hkv, nk, dtype=torch.float32, device=q.device)
-    if route == "decode" or (route == "auto" and nq * (hq // hkv) <= DECODE_MAX_ROWS):
-        return _decode(q, k, v, scale, causal, key_mask)
-    return _prefill(q, k, v, scale, causal, key_mask, {"auto": "auto", "prefill": "triton", "cudnn": "cudnn"}[route])
+    return _plan(q, k, v, key_mask, scale, causal, route, validate)(q, k, v, key_mask)
 
 
 def attention(q, k, v, *, scale=None, causal=True, key_mask=None, validate=False):

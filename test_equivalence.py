@@ -189,11 +189,46 @@ def test_decode_many_splits(hkv, nk, monkeypatch):
     than the interpreter's 4 pretend SMs ever ask for, so a larger GPU is pretended. Then a second call with
     fewer splits on the same stream reuses the (now larger) workspace."""
     sms = {} if GPU else {"_DEVICES": {-1: ((0, 0), 1024)}}
-    for name, value in sms.items():
+    for name, value in {"_PLANS": {}, **sms}.items():              # plans made with the pretended GPU
         monkeypatch.setattr(cab_fast, name, value)
     q, k, v = peaked_qkv(1, 2 * hkv, hkv, 1, nk, 64, torch.float32, seed=nk)
     _check(q, k, v, route="decode", label=f"nk={nk} hkv={hkv} (many splits)")
     _check(q, k[:, :, :300], v[:, :, :300], route="decode", label="  then 300 keys")
+
+
+def _misaligned(t):
+    """t's values in the same shape and strides, 4 bytes past a 16-byte boundary."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = flat[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_plans_follow_metadata(route, monkeypatch):
+    """A call reuses the plan of an earlier call only when shapes, strides, dtypes, device, alignment, scale
+    and causal all match; anything else makes (and checks) a plan of its own. The plan cache stays bounded."""
+    monkeypatch.setattr(cab_fast, "_PLANS", {})
+    monkeypatch.setattr(cab_fast, "_PLAN_LIMIT", 4)
+    nq = 40 if route == "prefill" else 2
+    q, k, v = peaked_qkv(1, 4, 2, nq, 40, 64, torch.float32, seed=21)
+    first = _check(q, k, v, route=route, label=f"{route}: first call")
+    again = _check(q.clone(), k.clone(), v.clone(), route=route, label="  same metadata")
+    assert len(cab_fast._PLANS) == 1
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    _check(_misaligned(q), _misaligned(k), _misaligned(v), route=route, label="  misaligned")
+    _check(q.transpose(2, 3).contiguous().transpose(2, 3), k, v, route=route, label="  other strides")
+    _check(q, k, v, causal=False, route=route, label="  not causal")
+    out = cab_fast._attention(q, k, v, scale=0.5, route=route)[0]
+    assert not torch.equal(out, first[0])                           # the scale is part of the plan
+    assert len(cab_fast._PLANS) == 4
+    mask = torch.ones(1, 40, dtype=torch.bool, device=DEV)
+    cab_fast._attention(q, k, v, key_mask=mask, route=route)
+    assert len(cab_fast._PLANS) == 4                                # the oldest plan made way
+    with pytest.raises(ValueError, match="key_mask"):               # a bad mask after a good one: checked
+        cab_fast._attention(q, k, v, key_mask=mask.to(torch.uint8), route=route)
+    with pytest.raises(ValueError, match="key_mask"):
+        cab_fast._attention(q, k, v, key_mask=mask[:, :39], route=route)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -317,6 +352,7 @@ def test_autotune_on_request(monkeypatch):
     result is the same function."""
     monkeypatch.setattr(cab_fast, "_AUTOTUNE", True)
     monkeypatch.setattr(cab_fast, "_TUNED", {})
+    monkeypatch.setattr(cab_fast, "_PLANS", {})
     monkeypatch.setitem(cab_fast._CANDIDATES, "decode", [(64, 4, 3, 2), (32, 4, 2, 4)])
     q, k, v = peaked_qkv(1, 4, 2, 1, 777, 64, torch.bfloat16, seed=12)
     _check(q, k, v, route="decode", label="autotuned decode")
