@@ -31,8 +31,10 @@ in place. Two parts, in this order:
    import) times the candidate tiles on the first call of each shape class instead (bench.py --autotune
    prints a table). The forward and decode kernels do not specialise on lengths, so a new length reuses
    them; the score pass does (divisible by 16 or not: at most two compiles per shape class, for a pass
-   7-10% faster on the H100). After its first launch a compiled kernel is launched directly (_run),
-   without triton's per-call argument binding, and the kernels a call needs compile together.
+   7-10% faster on the H100). A call's launches are planned once per input metadata (shapes, strides,
+   dtypes, device, alignment; section "Plans"): a repeated call only allocates its outputs and calls the
+   compiled kernels' launchers directly, without triton's per-call argument binding; the kernels a call
+   needs compile together.
 
 2. CabCache (section "fast cache", at the end): the twin of the reference's eviction loop for generation.
    It subclasses cab_reference.CabCache: the same arguments (plus cut_graphs) and methods; policies,
