@@ -1022,7 +1022,7 @@ def _plan(q, k, v, key_mask, scale, causal, route, validate):
         plan = _new_plan(q, k, v, key_mask, scale, causal, route)
         if key is not None:
             if len(_PLANS) >= _PLAN_LIMIT:
-                del _PLANS[next(iter(_PLANS))]                      # the oldest
+                _PLANS.pop(next(iter(_PLANS)), None)                # the oldest
             _PLANS[key] = plan
     return plan
 
