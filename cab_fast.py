@@ -689,13 +689,13 @@ def _first_run(launches, tensors, device, stream):
         _compile_together(new, tensors)
     for launch, key in zip(launches, keys):
         compiled = _COMPILED.get(key)
-        if compiled is None:
+        if compiled is None:                                        # triton compiles (or loads) and launches
             compiled = launch.through_triton(tensors)
             _COMPILED[key] = compiled = compiled.result() if hasattr(compiled, "result") else compiled
             launch.keep(compiled)
-            continue
-        launch.keep(compiled)
-        launch.launch(tensors, stream)
+        else:
+            launch.keep(compiled)
+            launch.launch(tensors, stream)
 
 
 def _run(launches, tensors):
