@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -168,18 +169,21 @@ def bench_decode(lengths, heads=32, d=128):
             yield r
 
 
-def _host_us(fn, calls=2000):
+def _host_us(fn, calls=2000, repeats=5):
     """Host microseconds per call of fn in a loop without synchronisation: on a tiny problem the GPU
-    keeps up, so this is the Python + launch cost a caller pays."""
+    keeps up, so this is the Python + launch cost a caller pays. The median of `repeats` loops of
+    calls / repeats each: single loops on the H100 hosts scattered by up to 3x."""
     for _ in range(20):
         fn()
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / calls * 1e6
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls // repeats):
+            fn()
+        times.append((time.perf_counter() - t0) / (calls // repeats) * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(times)
 
 
 def _growing(attend, k, v, start):
