@@ -774,10 +774,6 @@ def _out_layout(q):
     return (b, hq, nq, d), (nq * hq * d, d, hq * d, 1)
 
 
-def _empty_out(q):
-    return torch.empty_strided(*_out_layout(q), dtype=q.dtype, device=q.device)
-
-
 # A call's tensors, in this order (a launch names its kernel's by position; a decode call has no lse, a
 # prefill call no workspace).
 _Q, _K, _V, _KM, _OUT, _LSE, _SCORES, _WORK = range(8)
@@ -810,7 +806,8 @@ def _fwd_tile(q, k, v, key_mask, qk_scale, causal):
 def _fwd_triton(q, k, v, key_mask, qk_scale, causal, tile=None):
     """Kernel 1 alone: (out [B, Hq, Nq, D], lse [B, Hq, Nq] float32, natural log, scale included)."""
     launch = _fwd_launch(q, k, v, key_mask, qk_scale, causal, tile or _fwd_tile(q, k, v, key_mask, qk_scale, causal))
-    out, lse = _empty_out(q), torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    out = torch.empty_strided(*_out_layout(q), dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     _run((launch,), (q, k, v, _mask_tensor(key_mask, k), out, lse))
     return out, lse
 
