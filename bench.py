@@ -264,8 +264,8 @@ def sweep_tiles(d_list=(128,)):
     """Time every candidate tile of each kernel at the bench sizes (bf16, causal, GQA 32/8 and MHA) and
     install the winners (least geometric-mean slowdown against the best candidate per size) in
     cab_fast._TILES for the rest of this run. Returns the table entries to paste into cab_fast.py."""
-    cap = torch.cuda.get_device_capability()
-    table = cab_fast._TILES.setdefault(cap, {})
+    cap, name = torch.cuda.get_device_capability(), torch.cuda.get_device_name(0)
+    table = cab_fast._TILES.setdefault(name, {})          # this GPU's own entry: looked up before its architecture's
     found = {}
     for d in d_list:
         bd = cab_fast._block_d(d)
@@ -294,8 +294,8 @@ def sweep_tiles(d_list=(128,)):
                    "all": {str(c): round(s, 3) for c, s in zip(cands, slow)}}
         del problems
         torch.cuda.empty_cache()
-    print(f"# {torch.cuda.get_device_name(0)} (sm{cap[0]}{cap[1]}), {datetime.date.today()}, torch "
-          f"{torch.__version__}, triton {triton.__version__}: bench.py --autotune\n{cap}: {found!r},", flush=True)
+    print(f"# {name} (sm{cap[0]}{cap[1]}), {datetime.date.today()}, torch {torch.__version__}, triton "
+          f"{triton.__version__}: bench.py --autotune\n{name!r}: {found!r},", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------

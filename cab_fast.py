@@ -26,8 +26,8 @@ in place. Two parts, in this order:
                   split's partials of its rows at once, in a fixed order (deterministic): the key blocks
                   turn their stored logits into probabilities and column sums, the rows write out.
 
-   Tiles are fixed ahead of time per (GPU compute capability, kernel, head-dim class, dtype class) in
-   _TILES, as FlashAttention does: a call never autotunes. CAB_AUTOTUNE=1 in the environment (read on
+   Tiles are fixed ahead of time per (GPU compute capability or GPU, kernel, head-dim class, dtype class)
+   in _TILES, as FlashAttention does: a call never autotunes. CAB_AUTOTUNE=1 in the environment (read on
    import) times the candidate tiles on the first call of each shape class instead (bench.py --autotune
    prints a table). The forward and decode kernels do not specialise on lengths, so a new length reuses
    them; the score pass does (divisible by 16 or not: at most two compiles per shape class, for a pass
@@ -133,11 +133,20 @@ _TILES = {
     # score: 1k, 16k GQA and 4k MHA; decode: 4k GQA, 32k MHA, 128k GQA and MHA). Runners-up within 10%:
     # fwd none; score (64, 64, 4, 3) 1.09. Decode re-swept the same day after the reduce kernel's rewrite
     # (GQA 32/8 and MHA, 4k-128k, CUDA-graph replay): (64, 4, 3, 1) fastest or within 1% of it at every size
-    # but 64k MHA (+0.3%). Other head dims use _default_tile.
+    # but 64k MHA (+0.3%). The architecture's entry: any sm90 GPU without its own. Other head dims use
+    # _default_tile.
     (9, 0): {
         ("fwd", 128, "half"): (128, 128, 8, 3),
         ("score", 128, "half"): (64, 128, 4, 3),
         ("decode", 128, "half"): (64, 4, 3, 1),
+    },
+    # NVIDIA H200 (sm90, the H100's SMs with 1.4x its memory bandwidth), 2026-11-28, same versions. Score
+    # pass: the sm90 tile was still the fastest of 8 (4k-32k, GQA 32/8 and MHA). Decode, swept over 17
+    # candidates under CUDA-graph replay (GQA 32/8 and MHA, 4k-128k): the one deeper pipeline stage pays
+    # at this bandwidth: geometric-mean time over SDPA 1.073 (sm90's tile 1.099), worst from 32k 1.125
+    # (1.188).
+    "NVIDIA H200": {
+        ("decode", 128, "half"): (64, 4, 4, 1),
     },
 }
 
@@ -168,8 +177,8 @@ def _default_tile(kind, block_d, fp32):
     return next(t for t in _CANDIDATES[kind] if _fits(kind, t, block_d, fp32))
 
 
-_DEVICES = {}                 # device index -> (compute capability, SM count)
-_TUNED = {}                   # CAB_AUTOTUNE=1: (kernel, capability, BLOCK_D, dtype class, shape class) -> tile
+_DEVICES = {}                 # device index -> ((compute capability, name), SM count)
+_TUNED = {}                   # CAB_AUTOTUNE=1: (kernel, GPU, BLOCK_D, dtype class, shape class) -> tile
 
 
 def _device(q):
@@ -177,10 +186,10 @@ def _device(q):
     info = _DEVICES.get(idx)
     if info is None:
         if idx < 0:                                                 # the interpreter on CPU
-            info = ((0, 0), 4)
+            info = (((0, 0), "interpreter"), 4)
         else:
             p = torch.cuda.get_device_properties(idx)
-            info = ((p.major, p.minor), p.multi_processor_count)
+            info = (((p.major, p.minor), p.name), p.multi_processor_count)
         _DEVICES[idx] = info
     return info
 
@@ -203,9 +212,15 @@ def _block_d(d):
     return max(16, _next_pow2(d))
 
 
-def _table_tile(kind, capability, block_d, dtype):
-    tile = _TILES.get(capability, {}).get((kind, block_d, _dtype_class(dtype)))
-    return tile if tile is not None else _default_tile(kind, block_d, dtype == torch.float32)
+def _table_tile(kind, gpu, block_d, dtype):
+    """The tile for gpu = (compute capability, name): the GPU's own entry, else its architecture's (GPUs of
+    one architecture can differ in memory bandwidth, which moves the decode kernel's best tile), else
+    _default_tile."""
+    key = (kind, block_d, _dtype_class(dtype))
+    for entry in (_TILES.get(gpu[1], {}), _TILES.get(gpu[0], {})):
+        if key in entry:
+            return entry[key]
+    return _default_tile(kind, block_d, dtype == torch.float32)
 
 
 def tiles(device, head_dim, dtype):
@@ -213,8 +228,8 @@ def tiles(device, head_dim, dtype):
     kernels' other blocks ("min_split": keys one decode program takes before the keys are split,
     "reduce_n": keys per reduce program). Tests straddle these lengths."""
     probe = torch.empty(0, device=device)
-    capability = _device(probe)[0]
-    out = {kind: _table_tile(kind, capability, _block_d(head_dim), dtype) for kind in ("fwd", "score", "decode")}
+    gpu = _device(probe)[0]
+    out = {kind: _table_tile(kind, gpu, _block_d(head_dim), dtype) for kind in ("fwd", "score", "decode")}
     out["min_split"] = _MIN_SPLIT
     out["reduce_n"] = _reduce_block_n(16)
     return out
@@ -231,10 +246,10 @@ def _time_ms(fn):
 def _tile(kind, q, block_d, shape_class, launch):
     """The table's tile; with CAB_AUTOTUNE=1 the fastest candidate for this shape class, timed once by
     running launch(tile) (which writes only the call's own outputs)."""
-    capability = _device(q)[0]
+    gpu = _device(q)[0]
     if not _AUTOTUNE or _INTERPRET:
-        return _table_tile(kind, capability, block_d, q.dtype)
-    key = (kind, capability, block_d, _dtype_class(q.dtype), shape_class)
+        return _table_tile(kind, gpu, block_d, q.dtype)
+    key = (kind, gpu, block_d, _dtype_class(q.dtype), shape_class)
     tile = _TUNED.get(key)
     if tile is None:
         fp32 = q.dtype == torch.float32

@@ -188,7 +188,7 @@ def test_decode_many_splits(hkv, nk, monkeypatch):
     """The reduce kernel combines every split of a row in one step: up to _MAX_SPLITS (128) of them, more
     than the interpreter's 4 pretend SMs ever ask for, so a larger GPU is pretended. Then a second call with
     fewer splits on the same stream reuses the (now larger) workspace."""
-    sms = {} if GPU else {"_DEVICES": {-1: ((0, 0), 1024)}}
+    sms = {} if GPU else {"_DEVICES": {-1: (((0, 0), "interpreter"), 1024)}}
     for name, value in {"_PLANS": {}, **sms}.items():              # plans made with the pretended GPU
         monkeypatch.setattr(cab_fast, name, value)
     q, k, v = peaked_qkv(1, 2 * hkv, hkv, 1, nk, 64, torch.float32, seed=nk)
@@ -344,6 +344,20 @@ def test_tile_table_fits():
     for entries in cab_fast._TILES.values():
         for (kind, block_d, dtype_class), tile in entries.items():
             assert cab_fast._fits(kind, tile, block_d, dtype_class == "fp32"), (kind, block_d, dtype_class, tile)
+
+
+def test_tile_lookup_order(monkeypatch):
+    """A GPU's own entry first, then its architecture's, then the default: an H200 shares the H100's sm90
+    entry but for what it lists itself."""
+    monkeypatch.setattr(cab_fast, "_TILES", {(9, 0): {("decode", 128, "half"): (64, 4, 3, 1),
+                                                      ("score", 128, "half"): (64, 128, 4, 3)},
+                                             "GPU X": {("decode", 128, "half"): (64, 4, 4, 1)}})
+    lookup = functools.partial(cab_fast._table_tile, block_d=128, dtype=torch.bfloat16)
+    assert lookup("decode", ((9, 0), "GPU X")) == (64, 4, 4, 1)
+    assert lookup("score", ((9, 0), "GPU X")) == (64, 128, 4, 3)
+    assert lookup("decode", ((9, 0), "GPU Y")) == (64, 4, 3, 1)
+    assert lookup("decode", ((8, 0), "GPU X")) == (64, 4, 4, 1)
+    assert lookup("fwd", ((8, 0), "GPU Z")) == cab_fast._default_tile("fwd", 128, False)
 
 
 @pytest.mark.skipif(not GPU, reason="autotuning times kernels on a GPU")
