@@ -58,6 +58,7 @@ import threading
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation  # the allocator for in-kernel tensor descriptors (_descriptor_scratch)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -392,20 +393,24 @@ def _fwd_kernel(Q, K, V, KM, Out, Lse,
 # 2. Prefill scores: key-block-major pass over the queries, probabilities recomputed from the lse
 
 @triton.jit
-def _score_inner(acc, kb, Q_base, Lse_base, sqm, sqd, offs_d, offs_n, lo, hi, N_Q, causal_off, qk_scale,
+def _score_inner(acc, kb, Q_head, Lse_base, sqm, sqd, offs_d, offs_n, lo, hi, N_Q, causal_off, qk_scale,
                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_M: tl.constexpr, PREC: tl.constexpr):
+                 BLOCK_M: tl.constexpr, PREC: tl.constexpr, Q_TMA: tl.constexpr):
     """acc[n] += sum over queries m in [lo, hi) of exp(scale * q_m.k_n - lse_m).
 
     MASKED False: every query of [lo, hi) sees every key of the block. True: the causal diagonal band.
+    Q_head: the head's queries, a tensor descriptor (Q_TMA) or a pointer.
     """
     d_ok = offs_d < HEAD_DIM                                        # head-dim tail
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < N_Q                                         # query tail (ragged Nq)
         offs_m64 = offs_m.to(tl.int64)
-        qt = tl.load(Q_base + offs_m64[None, :] * sqm + offs_d[:, None] * sqd,
-                     mask=m_ok[None, :] & d_ok[:, None], other=0.0)                  # [BLOCK_D, BLOCK_M]
+        if Q_TMA:                                                   # out-of-range rows and columns read 0
+            qt = tl.trans(Q_head.load([start_m, 0]))                                 # [BLOCK_D, BLOCK_M]
+        else:
+            qt = tl.load(Q_head + offs_m64[None, :] * sqm + offs_d[:, None] * sqd,
+                         mask=m_ok[None, :] & d_ok[:, None], other=0.0)              # [BLOCK_D, BLOCK_M]
         # padded query rows and rows that see no key have lse = +inf, so their probabilities are 0
         lse2 = tl.load(Lse_base + offs_m64, mask=m_ok, other=float("inf")) * _LOG2E
         p = tl.math.exp2(_mm(kb, qt, None, PREC=PREC) * qk_scale - lse2[None, :])   # [BLOCK_N, BLOCK_M]
@@ -422,9 +427,11 @@ def _score_kernel(Q, K, KM, Lse, Scores,
                   H_Q, H_KV, G, HEADS_PER_PROG, N_Q, N_K, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                   HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_TMA: tl.constexpr):
     """Program (key block, (batch, KV head, head split)): the split's HEADS_PER_PROG query heads. Scores is
-    [B, Hkv, N] when one program takes all G heads, else [B, Hkv, G // HEADS_PER_PROG, N] partials."""
+    [B, Hkv, N] when one program takes all G heads, else [B, Hkv, G // HEADS_PER_PROG, N] partials.
+    Q_TMA: the query tiles come by the tensor memory accelerator (a descriptor per head, built here), which
+    spares the per-element address arithmetic of the pointer loads: 8-13% faster on an H200 (sm90)."""
     pid_n = tl.program_id(0)
     pid_x = tl.program_id(1)
     splits = G // HEADS_PER_PROG
@@ -452,13 +459,17 @@ def _score_kernel(Q, K, KM, Lse, Scores,
     acc = tl.zeros([BLOCK_N], tl.float32)
     for g in range(g_lo, g_lo + HEADS_PER_PROG):                    # this program's query heads
         h = (hkv * G + g).to(tl.int64)
-        Q_base = Q + b * sqb + h * sqh
+        Q_head = Q + b * sqb + h * sqh
+        if Q_TMA:
+            Q_head = tl.make_tensor_descriptor(Q_head, shape=[N_Q, HEAD_DIM], strides=[sqm, 1],
+                                               block_shape=[BLOCK_M, BLOCK_D])
         Lse_base = Lse + (b * H_Q + h) * N_Q
-        acc = _score_inner(acc, kb, Q_base, Lse_base, sqm, sqd, offs_d, offs_n, lo, full, N_Q, causal_off,
-                           qk_scale, MASKED=True, CAUSAL=CAUSAL, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, PREC=PREC)
-        acc = _score_inner(acc, kb, Q_base, Lse_base, sqm, sqd, offs_d, offs_n, full, q_end, N_Q, causal_off,
+        acc = _score_inner(acc, kb, Q_head, Lse_base, sqm, sqd, offs_d, offs_n, lo, full, N_Q, causal_off,
+                           qk_scale, MASKED=True, CAUSAL=CAUSAL, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, PREC=PREC,
+                           Q_TMA=Q_TMA)
+        acc = _score_inner(acc, kb, Q_head, Lse_base, sqm, sqd, offs_d, offs_n, full, q_end, N_Q, causal_off,
                            qk_scale, MASKED=False, CAUSAL=CAUSAL, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
-                           PREC=PREC)
+                           PREC=PREC, Q_TMA=Q_TMA)
     keep = n_ok
     if HAS_MASK:
         km = tl.load(KM + b * skmb + offs_n64 * skmn, mask=n_ok, other=0)
@@ -847,6 +858,16 @@ def _cudnn_ok(q, k, key_mask, causal):
             and q.shape[2] * k.shape[2] >= _SMALL_PREFILL)
 
 
+def _q_tma(q):
+    """Whether the score pass loads q's tiles by TMA: half inputs with head dims up to 128 (as measured) on
+    sm90 and later, contiguous rows, and every head's base and row stride on 16-byte boundaries (TMA's
+    rule; other inputs, a misaligned view say, take pointer loads)."""
+    arch = _device(q)[0][0]
+    size = q.element_size()
+    return (q.dtype != torch.float32 and _block_d(q.shape[-1]) <= 128 and (_INTERPRET or arch >= (9, 0))
+            and q.stride(-1) == 1 and q.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in q.stride()[:3]))
+
+
 def _score_launch(q, k, key_mask, qk_scale, causal, tile, splits):
     """Kernel 2 over (q, k, km, lse, scores) of a prefill call. scores is [B, Hkv, Nk], or with splits > 1
     programs per group [B, Hkv, splits, Nk]: partials of G // splits query heads each, summed afterwards in
@@ -859,7 +880,19 @@ def _score_launch(q, k, key_mask, qk_scale, causal, tile, splits):
                    (*q.stride(), *k.stride(), skmb, skmn, hq, hkv, hq // hkv, hq // hkv // splits, nq, nk,
                     qk_scale), warps, stages,
                    dict(HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=causal, HAS_MASK=has_mask, PREC=_prec(q.dtype),
-                        BLOCK_M=bm, BLOCK_N=bn))
+                        BLOCK_M=bm, BLOCK_N=bn, Q_TMA=_q_tma(q)))
+
+
+def _torch_scratch(size, alignment, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")     # the current device: _run's guard set it
+
+
+def _descriptor_scratch():
+    """A kernel that builds tensor descriptors needs a little global memory per launch, which triton asks
+    of the allocator set in the calling context (triton.set_allocator); where the caller set none, torch's
+    (stream-ordered, and captured into a CUDA graph's pool under capture)."""
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_torch_scratch)
 
 
 def _scores_shape(k, splits):
@@ -881,16 +914,17 @@ def _score_tile(q, k, v, key_mask, qk_scale, causal, lse=None):
 
 
 def _head_splits(q, k, causal, tile):
-    """Programs per group in the score pass: one program takes its key block for all G query heads, unless
-    B * Hkv * key blocks programs are fewer than 8 per SM; then one per query head. Under a causal mask the
-    first key blocks see every query and the last almost none, so with few programs the longest decides:
-    on an H100 (GQA 32/8, D=128) one program per query head took 4k 0.21 ms (not 0.31), 8k 0.66 (0.89),
-    16k 2.49 (2.80), and 32k (2048 programs) 10.4 (9.6). Not for small problems: the partials' sum would
-    cost more host time than it saves."""
+    """Programs per group in the score pass: one per query head (partials summed afterwards) when the query
+    tiles come by TMA, or when B * Hkv * key blocks programs are fewer than 8 per SM; else one program takes
+    its key block for all G query heads. Under a causal mask the first key blocks see every query and the
+    last almost none, so with few programs the longest decides. GQA 32/8, D=128, one program per query head
+    against one per group: pointer loads on an H100, 4k 0.21 ms (not 0.31), 8k 0.66 (0.89), 16k 2.49 (2.80),
+    32k (2048 programs) 10.4 (9.6); TMA on an H200, 4k 0.19 (0.30), 16k 2.29 (2.75), 32k 8.55 (9.36). Not for
+    small problems: the partials' sum would cost more host time than it saves."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     few = _cdiv(nk, tile[1]) * b * hkv < 8 * _device(q)[1]
-    return hq // hkv if hq > hkv and few and nq * nk >= _SMALL_PREFILL else 1
+    return hq // hkv if hq > hkv and (few or _q_tma(q)) and nq * nk >= _SMALL_PREFILL else 1
 
 
 def _scores_triton(q, k, key_mask, lse, qk_scale, causal, tile=None, head_splits=None):
@@ -898,8 +932,10 @@ def _scores_triton(q, k, key_mask, lse, qk_scale, causal, tile=None, head_splits
     tile = tile or _score_tile(q, k, None, key_mask, qk_scale, causal, lse)
     splits = head_splits or _head_splits(q, k, causal, tile)
     scores = torch.empty(_scores_shape(k, splits), dtype=torch.float32, device=q.device)
-    _run((_score_launch(q, k, key_mask, qk_scale, causal, tile, splits),),
-         (q, k, None, _mask_tensor(key_mask, k), None, lse, scores))
+    launch = _score_launch(q, k, key_mask, qk_scale, causal, tile, splits)
+    if launch.constexprs["Q_TMA"]:
+        _descriptor_scratch()
+    _run((launch,), (q, k, None, _mask_tensor(key_mask, k), None, lse, scores))
     return _summed(scores, splits)
 
 
@@ -914,6 +950,7 @@ def _prefill_plan(q, k, v, key_mask, scale, causal, forward):
     splits = _head_splits(q, k, causal, tile)
     launches = (*fwd, _score_launch(q, k, key_mask, qk_scale, causal, tile, splits))
     out_layout, lse_shape, scores_shape = _out_layout(q), tuple(q.shape[:3]), _scores_shape(k, splits)
+    tma = launches[-1].constexprs["Q_TMA"]
     dtype, device = q.dtype, q.device
     fallback = None
 
@@ -931,6 +968,8 @@ def _prefill_plan(q, k, v, key_mask, scale, causal, forward):
             out = torch.empty_strided(*out_layout, dtype=dtype, device=device)
             lse = torch.empty(lse_shape, dtype=torch.float32, device=device)
         scores = torch.empty(scores_shape, dtype=torch.float32, device=device)
+        if tma:
+            _descriptor_scratch()
         _run(launches, (q, k, v, _mask_tensor(key_mask, k), out, lse, scores))   # a first call compiles both at once
         return out, _summed(scores, splits)
     return run
