@@ -393,13 +393,13 @@ def _fwd_kernel(Q, K, V, KM, Out, Lse,
 # 2. Prefill scores: key-block-major pass over the queries, probabilities recomputed from the lse
 
 @triton.jit
-def _score_inner(acc, kb, Q_head, Lse_base, sqm, sqd, offs_d, offs_n, lo, hi, N_Q, causal_off, qk_scale,
-                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_M: tl.constexpr, PREC: tl.constexpr, Q_TMA: tl.constexpr):
-    """acc[n] += sum over queries m in [lo, hi) of exp(scale * q_m.k_n - lse_m).
+def _score_inner(acc, kb, Q_all, b, h, sqb, sqh, Lse_base, sqm, sqd, offs_d, offs_n, lo, hi, N_Q, causal_off,
+                 qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_D: tl.constexpr, PREC: tl.constexpr, Q_TMA: tl.constexpr):
+    """acc[n] += sum over queries m in [lo, hi) of exp(scale * q_m.k_n - lse_m), for query head h of batch b.
 
     MASKED False: every query of [lo, hi) sees every key of the block. True: the causal diagonal band.
-    Q_head: the head's queries, a tensor descriptor (Q_TMA) or a pointer.
+    Q_all: all of q, a tensor descriptor [B, Hq, Nq, D] (Q_TMA) or a pointer.
     """
     d_ok = offs_d < HEAD_DIM                                        # head-dim tail
     for start_m in range(lo, hi, BLOCK_M):
@@ -407,9 +407,10 @@ def _score_inner(acc, kb, Q_head, Lse_base, sqm, sqd, offs_d, offs_n, lo, hi, N_
         m_ok = offs_m < N_Q                                         # query tail (ragged Nq)
         offs_m64 = offs_m.to(tl.int64)
         if Q_TMA:                                                   # out-of-range rows and columns read 0
-            qt = tl.trans(Q_head.load([start_m, 0]))                                 # [BLOCK_D, BLOCK_M]
+            tile = Q_all.load([b.to(tl.int32), h, start_m, 0])                   # [1, 1, BLOCK_M, BLOCK_D]
+            qt = tl.trans(tl.reshape(tile, [BLOCK_M, BLOCK_D]))                      # [BLOCK_D, BLOCK_M]
         else:
-            qt = tl.load(Q_head + offs_m64[None, :] * sqm + offs_d[:, None] * sqd,
+            qt = tl.load(Q_all + b * sqb + h.to(tl.int64) * sqh + offs_m64[None, :] * sqm + offs_d[:, None] * sqd,
                          mask=m_ok[None, :] & d_ok[:, None], other=0.0)              # [BLOCK_D, BLOCK_M]
         # padded query rows and rows that see no key have lse = +inf, so their probabilities are 0
         lse2 = tl.load(Lse_base + offs_m64, mask=m_ok, other=float("inf")) * _LOG2E
@@ -456,20 +457,20 @@ def _score_kernel(Q, K, KM, Lse, Scores,
     else:
         lo = 0
         full = 0
+    Q_all = Q
+    if Q_TMA:                   # one descriptor per program (the pipeliner cannot take one built per head)
+        Q_all = tl.make_tensor_descriptor(Q, shape=[tl.num_programs(1) // (H_KV * splits), H_Q, N_Q, HEAD_DIM],
+                                          strides=[sqb, sqh, sqm, 1], block_shape=[1, 1, BLOCK_M, BLOCK_D])
     acc = tl.zeros([BLOCK_N], tl.float32)
     for g in range(g_lo, g_lo + HEADS_PER_PROG):                    # this program's query heads
-        h = (hkv * G + g).to(tl.int64)
-        Q_head = Q + b * sqb + h * sqh
-        if Q_TMA:
-            Q_head = tl.make_tensor_descriptor(Q_head, shape=[N_Q, HEAD_DIM], strides=[sqm, 1],
-                                               block_shape=[BLOCK_M, BLOCK_D])
+        h = hkv * G + g
         Lse_base = Lse + (b * H_Q + h) * N_Q
-        acc = _score_inner(acc, kb, Q_head, Lse_base, sqm, sqd, offs_d, offs_n, lo, full, N_Q, causal_off,
-                           qk_scale, MASKED=True, CAUSAL=CAUSAL, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, PREC=PREC,
-                           Q_TMA=Q_TMA)
-        acc = _score_inner(acc, kb, Q_head, Lse_base, sqm, sqd, offs_d, offs_n, full, q_end, N_Q, causal_off,
-                           qk_scale, MASKED=False, CAUSAL=CAUSAL, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
-                           PREC=PREC, Q_TMA=Q_TMA)
+        acc = _score_inner(acc, kb, Q_all, b, h, sqb, sqh, Lse_base, sqm, sqd, offs_d, offs_n, lo, full, N_Q,
+                           causal_off, qk_scale, MASKED=True, CAUSAL=CAUSAL, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
+                           BLOCK_D=BLOCK_D, PREC=PREC, Q_TMA=Q_TMA)
+        acc = _score_inner(acc, kb, Q_all, b, h, sqb, sqh, Lse_base, sqm, sqd, offs_d, offs_n, full, q_end, N_Q,
+                           causal_off, qk_scale, MASKED=False, CAUSAL=CAUSAL, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M,
+                           BLOCK_D=BLOCK_D, PREC=PREC, Q_TMA=Q_TMA)
     keep = n_ok
     if HAS_MASK:
         km = tl.load(KM + b * skmb + offs_n64 * skmn, mask=n_ok, other=0)
