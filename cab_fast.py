@@ -431,8 +431,8 @@ def _score_kernel(Q, K, KM, Lse, Scores,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_TMA: tl.constexpr):
     """Program (key block, (batch, KV head, head split)): the split's HEADS_PER_PROG query heads. Scores is
     [B, Hkv, N] when one program takes all G heads, else [B, Hkv, G // HEADS_PER_PROG, N] partials.
-    Q_TMA: the query tiles come by the tensor memory accelerator (a descriptor per head, built here), which
-    spares the per-element address arithmetic of the pointer loads: 8-13% faster on an H200 (sm90)."""
+    Q_TMA: the query tiles come by the tensor memory accelerator (one descriptor, built here), which spares
+    the pointer loads' per-element address arithmetic (see _q_tma for when)."""
     pid_n = tl.program_id(0)
     pid_x = tl.program_id(1)
     splits = G // HEADS_PER_PROG
@@ -859,14 +859,20 @@ def _cudnn_ok(q, k, key_mask, causal):
             and q.shape[2] * k.shape[2] >= _SMALL_PREFILL)
 
 
-def _q_tma(q):
-    """Whether the score pass loads q's tiles by TMA: half inputs with head dims up to 128 (as measured) on
-    sm90 and later, contiguous rows, and every head's base and row stride on 16-byte boundaries (TMA's
-    rule; other inputs, a misaligned view say, take pointer loads)."""
+_TMA_PREFILL = 1 << 24         # Nq * Nk from which the score pass loads q by TMA
+
+
+def _q_tma(q, k):
+    """Whether the score pass loads q's tiles by TMA: half inputs with head dims up to 128 on sm90 and later,
+    contiguous rows, every head's base and row stride on 16-byte boundaries (TMA's rule; other inputs, a
+    misaligned view say, take pointer loads), and Nq * Nk >= _TMA_PREFILL. On an H200 (bf16, D=128, causal,
+    c5c5172) TMA took the pass from 4k to 32k 7-13% faster, but at 1k twice as slow (0.059 ms, not 0.030:
+    each program builds its descriptor and has little else to do)."""
     arch = _device(q)[0][0]
     size = q.element_size()
     return (q.dtype != torch.float32 and _block_d(q.shape[-1]) <= 128 and (_INTERPRET or arch >= (9, 0))
-            and q.stride(-1) == 1 and q.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in q.stride()[:3]))
+            and q.shape[2] * k.shape[2] >= _TMA_PREFILL and q.stride(-1) == 1 and q.data_ptr() % 16 == 0
+            and all(s * size % 16 == 0 for s in q.stride()[:3]))
 
 
 def _score_launch(q, k, key_mask, qk_scale, causal, tile, splits):
@@ -881,7 +887,7 @@ def _score_launch(q, k, key_mask, qk_scale, causal, tile, splits):
                    (*q.stride(), *k.stride(), skmb, skmn, hq, hkv, hq // hkv, hq // hkv // splits, nq, nk,
                     qk_scale), warps, stages,
                    dict(HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=causal, HAS_MASK=has_mask, PREC=_prec(q.dtype),
-                        BLOCK_M=bm, BLOCK_N=bn, Q_TMA=_q_tma(q)))
+                        BLOCK_M=bm, BLOCK_N=bn, Q_TMA=_q_tma(q, k)))
 
 
 def _torch_scratch(size, alignment, stream):
@@ -925,7 +931,7 @@ def _head_splits(q, k, causal, tile):
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     few = _cdiv(nk, tile[1]) * b * hkv < 8 * _device(q)[1]
-    return hq // hkv if hq > hkv and (few or _q_tma(q)) and nq * nk >= _SMALL_PREFILL else 1
+    return hq // hkv if hq > hkv and (few or _q_tma(q, k)) and nq * nk >= _SMALL_PREFILL else 1
 
 
 def _scores_triton(q, k, key_mask, lse, qk_scale, causal, tile=None, head_splits=None):

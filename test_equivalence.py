@@ -196,16 +196,18 @@ def test_decode_many_splits(hkv, nk, monkeypatch):
     _check(q, k[:, :, :300], v[:, :, :300], route="decode", label="  then 300 keys")
 
 
-def test_score_pass_tma_and_pointer_loads_agree():
-    """Kernel 2 loads q's tiles by TMA where q's layout allows (half inputs, every head and row on 16 bytes)
-    and by pointers elsewhere: the same scores either way, ragged query and key tails included."""
+def test_score_pass_tma_and_pointer_loads_agree(monkeypatch):
+    """Kernel 2 loads q's tiles by TMA where q's layout allows (half inputs, every head and row on 16 bytes;
+    long prompts only, here every length) and by pointers elsewhere: the same scores either way, ragged
+    query and key tails included."""
+    monkeypatch.setattr(cab_fast, "_TMA_PREFILL", 0)
     q, k, v = peaked_qkv(1, 8, 2, 150, 150, 64, torch.bfloat16, seed=5)
     qk_scale = cab_fast._LOG2E.value / 8.0
     lse = cab_fast._fwd_triton(q, k, v, None, qk_scale, True)[1]
     q_off = _misaligned(q)
-    if not cab_fast._q_tma(q):
+    if not cab_fast._q_tma(q, k):
         pytest.skip("this GPU has no TMA (before sm90)")
-    assert not cab_fast._q_tma(q_off)
+    assert not cab_fast._q_tma(q_off, k)
     by_tma = cab_fast._scores_triton(q, k, None, lse, qk_scale, True, head_splits=1)
     by_pointer = cab_fast._scores_triton(q_off, k, None, lse, qk_scale, True, head_splits=1)
     torch.testing.assert_close(by_tma, by_pointer, rtol=1e-6, atol=1e-6)
