@@ -26,6 +26,7 @@ import math
 
 import pytest
 import torch
+import triton
 
 import cab_fast
 import cab_reference as ref
@@ -211,6 +212,24 @@ def test_score_pass_tma_and_pointer_loads_agree(monkeypatch):
     by_tma = cab_fast._scores_triton(q, k, None, lse, qk_scale, True, head_splits=1)
     by_pointer = cab_fast._scores_triton(q_off, k, None, lse, qk_scale, True, head_splits=1)
     torch.testing.assert_close(by_tma, by_pointer, rtol=1e-6, atol=1e-6)
+
+
+def test_descriptor_scratch_keeps_the_callers_allocator():
+    """The TMA path needs triton's allocator: torch's where the caller set none, never replacing theirs."""
+    import contextvars
+
+    from triton.runtime import _allocation
+
+    def after(allocator):
+        if allocator is not None:
+            triton.set_allocator(allocator)
+        cab_fast._descriptor_scratch()
+        return _allocation._allocator.get()
+
+    def mine(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+    assert contextvars.copy_context().run(after, None) is cab_fast._torch_scratch
+    assert contextvars.copy_context().run(after, mine) is mine
 
 
 def _misaligned(t):
