@@ -648,19 +648,23 @@ _COMPILED = {}                # _specialisation(...) -> compiled kernel, shared 
 
 
 class _Launch:
-    __slots__ = ("kernel", "grid", "slots", "arity", "scalars", "warps", "stages", "constexprs", "direct")
+    __slots__ = ("kernel", "grid", "slots", "arity", "scalars", "warps", "stages", "constexprs", "direct",
+                 "descriptors")
 
     def __init__(self, kernel, grid, slots, scalars, warps, stages, constexprs):
         self.kernel, self.grid, self.scalars, self.constexprs = kernel, grid, scalars, constexprs
         self.slots, self.arity = operator.itemgetter(*slots), len(slots)     # call's tensors -> this kernel's
         self.warps, self.stages = warps, stages
         self.direct = None        # once compiled: (launcher, function, metadata, grid x, grid y, trailing args)
+        self.descriptors = constexprs.get("Q_TMA", False)   # builds tensor descriptors: see _descriptor_scratch
 
     def through_triton(self, tensors, warmup=False):
         args = (*self.slots(tensors), *self.scalars)
         options = dict(num_warps=self.warps, num_stages=self.stages, **self.constexprs)
         if warmup:                                                  # compile only
             return self.kernel.warmup(*args, grid=self.grid, **options)
+        if self.descriptors:
+            _descriptor_scratch()
         return self.kernel[self.grid](*args, **options)
 
     def keep(self, compiled):
@@ -671,6 +675,8 @@ class _Launch:
 
     def launch(self, tensors, stream):
         launcher, function, metadata, grid_x, grid_y, trailing = self.direct
+        if self.descriptors:
+            _descriptor_scratch()
         launcher(grid_x, grid_y, 1, stream, function, metadata, None, None, None,
                  *[t.data_ptr() for t in self.slots(tensors)], *trailing)
 
@@ -939,10 +945,8 @@ def _scores_triton(q, k, key_mask, lse, qk_scale, causal, tile=None, head_splits
     tile = tile or _score_tile(q, k, None, key_mask, qk_scale, causal, lse)
     splits = head_splits or _head_splits(q, k, causal, tile)
     scores = torch.empty(_scores_shape(k, splits), dtype=torch.float32, device=q.device)
-    launch = _score_launch(q, k, key_mask, qk_scale, causal, tile, splits)
-    if launch.constexprs["Q_TMA"]:
-        _descriptor_scratch()
-    _run((launch,), (q, k, None, _mask_tensor(key_mask, k), None, lse, scores))
+    _run((_score_launch(q, k, key_mask, qk_scale, causal, tile, splits),),
+         (q, k, None, _mask_tensor(key_mask, k), None, lse, scores))
     return _summed(scores, splits)
 
 
@@ -957,7 +961,6 @@ def _prefill_plan(q, k, v, key_mask, scale, causal, forward):
     splits = _head_splits(q, k, causal, tile)
     launches = (*fwd, _score_launch(q, k, key_mask, qk_scale, causal, tile, splits))
     out_layout, lse_shape, scores_shape = _out_layout(q), tuple(q.shape[:3]), _scores_shape(k, splits)
-    tma = launches[-1].constexprs["Q_TMA"]
     dtype, device = q.dtype, q.device
     fallback = None
 
@@ -975,8 +978,6 @@ def _prefill_plan(q, k, v, key_mask, scale, causal, forward):
             out = torch.empty_strided(*out_layout, dtype=dtype, device=device)
             lse = torch.empty(lse_shape, dtype=torch.float32, device=device)
         scores = torch.empty(scores_shape, dtype=torch.float32, device=device)
-        if tma:
-            _descriptor_scratch()
         _run(launches, (q, k, v, _mask_tensor(key_mask, k), out, lse, scores))   # a first call compiles both at once
         return out, _summed(scores, splits)
     return run

@@ -233,7 +233,7 @@ def test_descriptor_scratch_keeps_the_callers_allocator():
 
 
 def _misaligned(t):
-    """t's values in the same shape and strides, 4 bytes past a 16-byte boundary."""
+    """t's values in the same shape and strides, one element past a 16-byte boundary."""
     flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
     out = flat[1:].view(t.shape)
     out.copy_(t)
