@@ -792,12 +792,14 @@ def _prec(dtype):
 
 
 def _mask_args(key_mask):
-    """(batch stride, key stride, HAS_MASK) of key_mask; without one, k stands in as a pointer never read."""
+    """(batch stride, key stride, HAS_MASK) of key_mask, zeros without one."""
     return (0, 0, False) if key_mask is None else (*key_mask.stride(), True)
 
 
 def _mask_tensor(key_mask, k):
-    return k if key_mask is None else key_mask.view(torch.uint8)    # same storage, no copy
+    """The mask the kernels read: key_mask as bytes (same storage, no copy); without one, k stands in as a
+    pointer never read."""
+    return k if key_mask is None else key_mask.view(torch.uint8)
 
 
 def _out_layout(q):
@@ -932,8 +934,8 @@ def _head_splits(q, k, causal, tile):
     its key block for all G query heads. Under a causal mask the first key blocks see every query and the
     last almost none, so with few programs the longest decides. GQA 32/8, D=128, one program per query head
     against one per group: pointer loads on an H100, 4k 0.21 ms (not 0.31), 8k 0.66 (0.89), 16k 2.49 (2.80),
-    32k (2048 programs) 10.4 (9.6); TMA on an H200 (a probe), 4k 0.19 (0.30), 16k 2.29 (2.75), 32k 8.55 (9.36). Not for
-    small problems: the partials' sum would cost more host time than it saves."""
+    32k (2048 programs) 10.4 (9.6); TMA on an H200 (a probe), 4k 0.19 (0.30), 16k 2.29 (2.75), 32k 8.55
+    (9.36). Not for small problems: the partials' sum would cost more host time than it saves."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     few = _cdiv(nk, tile[1]) * b * hkv < 8 * _device(q)[1]
