@@ -524,15 +524,17 @@ def _workspace(Work, PARTS, BLOCK_D: tl.constexpr):
     return Work, Mp, Lp, Lp + parts
 
 
-@triton.jit(do_not_specialize=["H_KV", "G", "N_Q", "N_K", "SPLIT", "NUM_SPLITS", "PARTS", "skmb"])
+@triton.jit(do_not_specialize=["H_KV", "G", "N_Q", "N_K", "NUM_SPLITS", "PARTS", "skmb"])
 def _decode_partial_kernel(Q, K, V, KM, Work, Out, Scores,
                            sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, skmb, skmn,
                            sob, soh, som, sod,
-                           H_KV, G, N_Q, N_K, SPLIT, NUM_SPLITS, PARTS, qk_scale,
+                           H_KV, G, N_Q, N_K, NUM_SPLITS, PARTS, qk_scale,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                            CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
                            SINGLE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Program (split, batch * KV head): keys [split * SPLIT, +SPLIT) for all G * Nq rows of the head.
+    """Program (split s, batch * KV head): key blocks s, s + NUM_SPLITS, s + 2 * NUM_SPLITS, ... for all
+    G * Nq rows of the head. Interleaved, the head's programs stream adjacent blocks at any moment: on an H200
+    1-1.5% faster than contiguous shares (MHA and GQA 32/8, 32k-128k keys, CUDA-graph replay).
     SINGLE (one split): also writes out and the scores, so short decode is one launch."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -555,9 +557,8 @@ def _decode_partial_kernel(Q, K, V, KM, Work, Out, Scores,
     m_i = tl.full([BLOCK_R], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    lo = pid_s * SPLIT
     # decode is memory-bound: every block runs the masked variant (the masks cost nothing measurable)
-    for start_n in range(lo, tl.minimum(lo + SPLIT, N_K), BLOCK_N):
+    for start_n in range(pid_s * BLOCK_N, N_K, NUM_SPLITS * BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         qk = _logits(q, K_base, KM_base, skn, skd, skmn, offs_n, offs_d, qi, N_K, N_K - N_Q, qk_scale,
                      MASKED=True, CAUSAL=CAUSAL, HAS_MASK=HAS_MASK, HEAD_DIM=HEAD_DIM, PREC=PREC)
@@ -1012,14 +1013,14 @@ def _decode_launches(q, k, v, key_mask, qk_scale, causal, tile):
     if block_r > 16:        # tiles are measured at 16 rows; 128 keys x 64 rows gave wrong results on an H100
         block_n = min(block_n, 64)
     want = min(_MAX_SPLITS, max(1, per_sm * _device(q)[1] // (b * hkv)))     # programs to fill the GPU
-    split = _cdiv(max(_cdiv(nk, want), _MIN_SPLIT), block_n) * block_n       # splits never overlap
-    splits = _cdiv(nk, split)
+    share = _cdiv(max(_cdiv(nk, want), _MIN_SPLIT), block_n) * block_n       # keys a program takes, +- a block
+    splits = _cdiv(nk, share)
     parts = b * hkv * splits * block_r if splits > 1 else 0        # one (batch, KV head, split, row) each
     work = parts * (block_d + 2) + b * hkv * rows * nk
     out_stride = _out_layout(q)[1]
     partial = _Launch(_decode_partial_kernel, (splits, b * hkv), (_Q, _K, _V, _KM, _WORK, _OUT, _SCORES),
                       (*q.stride(), *k.stride(), *v.stride(), skmb, skmn, *out_stride,
-                       hkv, g, nq, nk, split, splits, parts, qk_scale), warps, stages,
+                       hkv, g, nq, nk, splits, parts, qk_scale), warps, stages,
                       dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, CAUSAL=causal, HAS_MASK=has_mask,
                            PREC=_prec(q.dtype), SINGLE=splits == 1, BLOCK_N=block_n))
     if splits == 1:
