@@ -271,11 +271,12 @@ def _shape_class(n):
 @triton.jit
 def _mm(a, b, acc, PREC: tl.constexpr):
     """tl.dot; PREC "upcast" computes in fp32 (the CPU interpreter's bf16 dot is wrong in triton 3.9), "fp64"
-    in float64 (acc None)."""
+    in float64, rounded to fp32 before acc is added."""
     if PREC == "upcast":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     elif PREC == "fp64":
-        return tl.dot(a.to(tl.float64), b.to(tl.float64), input_precision="ieee").to(tl.float32)
+        c = tl.dot(a.to(tl.float64), b.to(tl.float64), input_precision="ieee").to(tl.float32)
+        return c if acc is None else acc + c
     else:
         return tl.dot(a, b, acc, input_precision=PREC)
 
@@ -298,8 +299,10 @@ def _logits(q, K_base, KM_base, stride_kn, stride_kd, stride_kmn, offs_n, offs_d
         if CAUSAL:                                                  # bottom-right causal diagonal
             qk = tl.where(offs_n[None, :] <= q_pos[:, None] + causal_off, qk, float("-inf"))
     if HAS_MASK:
-        km = tl.load(KM_base + offs_n.to(tl.int64) * stride_kmn, mask=n_ok, other=0)
-        qk = tl.where(km[None, :] != 0, qk, float("-inf"))          # left-padding keys never count
+        keep = tl.load(KM_base + offs_n.to(tl.int64) * stride_kmn, mask=n_ok, other=0) != 0
+        if PREC == "fp64":      # a reduce over one row, which compiles to nothing, hides the 8-bit mask
+            keep = tl.max(keep.to(tl.int32)[None, :], axis=0) != 0  # from triton 3.6's guess of p's width
+        qk = tl.where(keep[None, :], qk, float("-inf"))             # left-padding keys never count
     return qk
 
 
@@ -534,12 +537,11 @@ def _decode_partial_kernel(Q, K, V, KM, Work, Out, Scores,
                            H_KV, G, N_Q, N_K, NUM_SPLITS, PARTS, qk_scale,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                            CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-                           SINGLE: tl.constexpr, BLOCK_N: tl.constexpr, QK_PREC: tl.constexpr):
+                           SINGLE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (split s, batch * KV head): key blocks s, s + NUM_SPLITS, s + 2 * NUM_SPLITS, ... for all
     G * Nq rows of the head. Interleaved, the head's programs stream adjacent blocks at any moment: on an H200
     1-1.5% faster than contiguous shares (MHA and GQA 32/8, 32k-128k keys, CUDA-graph replay).
-    SINGLE (one split): also writes out and the scores, so short decode is one launch. QK_PREC: the logits'
-    dot; "fp64" for fp32 inputs (see _qk_prec)."""
+    SINGLE (one split): also writes out and the scores, so short decode is one launch."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H_KV).to(tl.int64)
@@ -565,7 +567,7 @@ def _decode_partial_kernel(Q, K, V, KM, Work, Out, Scores,
     for start_n in range(pid_s * BLOCK_N, N_K, NUM_SPLITS * BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         qk = _logits(q, K_base, KM_base, skn, skd, skmn, offs_n, offs_d, qi, N_K, N_K - N_Q, qk_scale,
-                     MASKED=True, CAUSAL=CAUSAL, HAS_MASK=HAS_MASK, HEAD_DIM=HEAD_DIM, PREC=QK_PREC)
+                     MASKED=True, CAUSAL=CAUSAL, HAS_MASK=HAS_MASK, HEAD_DIM=HEAD_DIM, PREC=PREC)
         tl.store(Lg_base + lg_rows + offs_n.to(tl.int64)[None, :], qk, mask=r_ok[:, None] & (offs_n < N_K)[None, :])
         acc, m_i, l_i = _online_softmax(acc, m_i, l_i, qk, V_base, svn, svd, offs_n, offs_d, N_K,
                                         HEAD_DIM=HEAD_DIM, PREC=PREC)
@@ -790,18 +792,13 @@ def _check_inputs(q, k, v, key_mask, scale, validate):
 
 
 def _prec(dtype):
-    # fp32 inputs: true fp32 products (the reference does not use tf32); half inputs: native dot
+    """The dots' precision. Half inputs: native. fp32 inputs: float64 products and sums (the reference uses
+    no tf32), on the tensor cores: triton's fp32 "ieee" dot runs on the FMA units, 4-38x slower in prefill
+    on an H200 (4k, D=128: 58.8 ms against 1.53), and as one FMA chain over D it took a decode output to 5x
+    PyTorch's own fp32 error on peaked logits (NOTES section 5, Tolerances)."""
     if _INTERPRET and dtype == torch.bfloat16:
         return "upcast"
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _qk_prec(dtype):
-    """The decode logits' dot. fp32 inputs: float64, since a float32 FMA chain over D took an output to 5x
-    PyTorch's own fp32 error on peaked logits (GPU 1.9e-6 against PyTorch's 3.8e-7; a CPU emulation of the
-    chain: 7.4e-7 -> 1.7e-6 at D=64). It is faster too: triton's fp32 "ieee" dot runs on the FMA units, a
-    float64 dot on the tensor cores (fp32 decode on an H200, 4k-32k keys: 0.40-0.50x the time)."""
-    return "fp64" if dtype == torch.float32 else _prec(dtype)
+    return "fp64" if dtype == torch.float32 else "tf32"
 
 
 def _mask_args(key_mask):
@@ -1034,7 +1031,7 @@ def _decode_launches(q, k, v, key_mask, qk_scale, causal, tile):
                       (*q.stride(), *k.stride(), *v.stride(), skmb, skmn, *out_stride,
                        hkv, g, nq, nk, splits, parts, qk_scale), warps, stages,
                       dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, CAUSAL=causal, HAS_MASK=has_mask,
-                           PREC=_prec(q.dtype), SINGLE=splits == 1, BLOCK_N=block_n, QK_PREC=_qk_prec(q.dtype)))
+                           PREC=_prec(q.dtype), SINGLE=splits == 1, BLOCK_N=block_n))
     if splits == 1:
         return (partial,), work
     red_n = _reduce_block_n(block_r)
@@ -1160,6 +1157,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 _CUT_ELEMENTS = 1 << 24       # a cut ranks at most this many slots at once (its temporaries scale with it)
+_HELD_BYTES = 1 << 29         # prompt keys and values held at most for one cut of several layers (CabCache.hold)
 
 
 class SlotBank:
@@ -1347,6 +1345,10 @@ class FastLayer(_ref.CabLayer):
             self.bank.end_step()
         return out.reshape(b, hq, 1, d)
 
+    def evict(self, record=False):
+        if not self.loop.hold(self, record):
+            super().evict(record)
+
     def index_batch(self, index):
         self.loop.dissolve()
         super().index_batch(index)
@@ -1373,6 +1375,8 @@ class CabCache(_ref.CabCache):
         self.in_slots = False      # this forward runs on the bank
         self.slots_ok = True       # False once layers turned out to differ: the reference's layout for good
         self.broken = None         # why the cache refuses to go on
+        self.n_layers = None       # the model's layer count, from its config at the first forward
+        self.held = []             # (layer, record): cuts waiting for the forward's last layer (hold)
 
     def layer(self, index):
         layer = super().layer(index)
@@ -1395,19 +1399,63 @@ class CabCache(_ref.CabCache):
             self.broken = "a decode step failed after the cache's buffers were written"
             return
         self.bank = None           # layers moved in during this forward get their old state back
+        self.held = []
         super().rollback()
 
-    def after_reference_forward(self, layer, n_layers):
-        """A layer finished a forward on the reference's path: once it is cut, move it into the bank."""
+    def hold(self, layer, record):
+        """Take a layer's cut (on the reference's path: the prompt, multi-token calls) for later, when the
+        forward's last layer cuts every held layer at once (cut_held): one selection is ~260 small launches
+        whatever its size, 16 of them ~12 ms of a 32k prefill's 0.33 s on an H200. Held layers keep their
+        new tokens' keys and values until then: at most _HELD_BYTES, past which the held layers are cut at
+        once (dense prefill holds all of them). False (cut now) while the layer count is unknown."""
+        if self.n_layers is None:
+            return False
+        self.held.append((layer, record))
+        if sum(waiting.keys.nbytes + waiting.values.nbytes for waiting, _ in self.held) >= _HELD_BYTES:
+            self.cut_held()
+        return True
+
+    def cut_held(self):
+        """Cut the held layers: those alike in shape in one selection over their rows stacked, [Ly * B, Hkv,
+        L] (the selection ranks every row on its own; SlotBank.cut stacks layers the same way)."""
+        groups = {}
+        for layer, record in self.held:
+            like = (layer.scores.shape, layer.budget, *((n, t.shape, t.dtype) for n, t in layer.context().items()))
+            groups.setdefault(like, []).append((layer, record))
+        self.held = []
+        policy, per_head = self.config.policy, self.config.per_head
+        for group in groups.values():
+            layers = [layer for layer, _ in group]
+            contexts = [layer.context() for layer in layers]
+            context = {name: torch.cat([c[name] for c in contexts]) for name in contexts[0]}
+            selection = _ref.choose(torch.cat([layer.scores for layer in layers]), layers[0].budget, policy,
+                                    per_head, context, self.head_group)
+            b = layers[0].scores.shape[0]
+            for i, (layer, record) in enumerate(group):
+                rows = slice(i * b, (i + 1) * b)
+                layer.keep(selection._replace(kept=selection.kept[rows], part=selection.part[rows],
+                                              order=selection.order[rows]), record)
+
+    def after_reference_forward(self, layer):
+        """A layer finished a forward on the reference's path. After the last layer: the held cuts, then
+        every cut layer moves into the bank."""
+        if self.n_layers is None or layer.index != self.n_layers - 1:
+            return
+        self.cut_held()
+        for layer in self.layers:
+            if self.slots_ok:
+                self.into_bank(layer)
+
+    def into_bank(self, layer):
+        """A cut layer into the bank (the first makes it); a layer that does not fit dissolves the bank."""
         budget = layer.budget
-        if not self.slots_ok or budget is None or budget == math.inf or n_layers is None \
-                or layer.keys.shape[-2] >= budget + self.evict_every:
+        if budget is None or budget == math.inf or layer.keys.shape[-2] >= budget + self.evict_every:
             return                 # not cut yet (a Delayed prompt), or never cut (Dense)
         if "decode_scores" in layer.evidence and self.record and layer.prompt_record is None:
             return                 # Delayed: its first cut is recorded on the reference's path
         if self.bank is None:
-            self.bank = SlotBank(self, n_layers, layer)
-        if layer.index >= n_layers or not self.bank.fits(layer):
+            self.bank = SlotBank(self, self.n_layers, layer)
+        if layer.index >= self.n_layers or not self.bank.fits(layer):
             self.dissolve()
             self.slots_ok = False
             return
@@ -1446,8 +1494,13 @@ def _cab_fast_forward(module, query, key, value, attention_mask, scaling=None, d
             cache.rollback()
             raise
     layer.padded = layer.padded or attention_mask is not None
+    cache.n_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
     out = _reference_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-    cache.after_reference_forward(layer, getattr(getattr(module, "config", None), "num_hidden_layers", None))
+    try:
+        cache.after_reference_forward(layer)
+    except Exception:
+        cache.rollback()
+        raise
     return out
 
 

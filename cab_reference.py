@@ -1300,8 +1300,15 @@ class LayerState:
     def evict(self, record=False):
         """Keep the policy's choice of `budget` slots: a gather on the slot axis of every per-slot tensor."""
         config = self.loop.config
-        context = dict(self.evidence, key_mask=self.valid)
-        selection = choose(self.scores, self.budget, config.policy, config.per_head, context, self.loop.head_group)
+        self.keep(choose(self.scores, self.budget, config.policy, config.per_head, self.context(),
+                         self.loop.head_group), record)
+
+    def context(self):
+        """What the policy ranks by besides the scores: the evidence and the key mask, [B, Hkv, L] each."""
+        return dict(self.evidence, key_mask=self.valid)
+
+    def keep(self, selection, record=False):
+        """Apply a Selection of this layer's slots (record: and keep it as the prompt's, for tools)."""
         if record:
             self.prompt_record = {"selection": selection, "scores": self.scores, "positions": self.positions,
                                   "valid": self.valid, "evidence": dict(self.evidence)}

@@ -90,6 +90,28 @@ def decode_loop(model, impl, cache, chunks):
     return torch.cat(logits, 1), kept
 
 
+@pytest.mark.parametrize("held_bytes, selections", [(1 << 29, 1), (1, 2)])
+def test_prompt_layers_cut_together(model, monkeypatch, held_bytes, selections):
+    """The prompt's cuts wait for the last layer and share one selection over both layers' rows; with
+    _HELD_BYTES exceeded at once, each layer is cut as it comes. Either way the reference's choice (kept
+    positions and the recorded prompt selections)."""
+    ids, mask = left_padded_prompts()
+    monkeypatch.setattr(cab_fast, "_HELD_BYTES", held_bytes)
+    rows, choose = [], ref.choose
+    monkeypatch.setattr(ref, "choose", lambda scores, *args: rows.append(scores.shape[0]) or choose(scores, *args))
+    caches = {}
+    for impl, module in (("cab_fast", cab_fast), ("cab_reference", ref)):
+        caches[impl] = module.CabCache(ref.EvictionConfig(policy="cab", sparsity=0.5), record=True)
+        model.set_attn_implementation(impl)
+        forward(model, ids.to(DEV), caches[impl], attention_mask=mask.to(DEV))
+        if impl == "cab_fast":
+            assert rows == [2 * 2 // selections] * selections, f"selections over {rows} rows"
+            assert caches[impl].bank is not None and caches[impl].bank.complete
+    assert_kept_equal([caches["cab_fast"].kept_positions()], [caches["cab_reference"].kept_positions()])
+    for fast, reference in zip(caches["cab_fast"].layers, caches["cab_reference"].layers):
+        assert torch.equal(fast.prompt_record["selection"].kept, reference.prompt_record["selection"].kept)
+
+
 @pytest.mark.parametrize("policy, evict_every", [("h2o", 1), ("snapkv", 2)])
 def test_multi_token_calls_after_the_cut(model, policy, evict_every):
     """A 5-token question appended to a compressed cache (and a 3-token chunk after it) takes the
