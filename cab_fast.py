@@ -1346,6 +1346,7 @@ class FastLayer(_ref.CabLayer):
         return out.reshape(b, hq, 1, d)
 
     def evict(self, record=False):
+        """The reference's cut, usually held for the forward's last layer (CabCache.hold)."""
         if not self.loop.hold(self, record):
             super().evict(record)
 
