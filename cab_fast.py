@@ -1421,18 +1421,18 @@ class CabCache(_ref.CabCache):
         L] (the selection ranks every row on its own; SlotBank.cut stacks layers the same way)."""
         groups = {}
         for layer, record in self.held:
-            like = (layer.scores.shape, layer.budget, *((n, t.shape, t.dtype) for n, t in layer.context().items()))
-            groups.setdefault(like, []).append((layer, record))
+            context = layer.context()
+            like = (layer.scores.shape, layer.budget, *((n, t.shape, t.dtype) for n, t in context.items()))
+            groups.setdefault(like, []).append((layer, record, context))
         self.held = []
         policy, per_head = self.config.policy, self.config.per_head
         for group in groups.values():
-            layers = [layer for layer, _ in group]
-            contexts = [layer.context() for layer in layers]
-            context = {name: torch.cat([c[name] for c in contexts]) for name in contexts[0]}
-            selection = _ref.choose(torch.cat([layer.scores for layer in layers]), layers[0].budget, policy,
+            first = group[0][0]
+            context = {name: torch.cat([c[name] for _, _, c in group]) for name in group[0][2]}
+            selection = _ref.choose(torch.cat([layer.scores for layer, _, _ in group]), first.budget, policy,
                                     per_head, context, self.head_group)
-            b = layers[0].scores.shape[0]
-            for i, (layer, record) in enumerate(group):
+            b = first.scores.shape[0]
+            for i, (layer, record, _) in enumerate(group):
                 rows = slice(i * b, (i + 1) * b)
                 layer.keep(selection._replace(kept=selection.kept[rows], part=selection.part[rows],
                                               order=selection.order[rows]), record)

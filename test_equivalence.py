@@ -200,7 +200,7 @@ def test_decode_many_splits(hkv, nk, monkeypatch):
 def test_fp32_decode_peaked_batch():
     """fp32 decode with peaked logits, B=3: with the q.k dot a float32 FMA chain this output was 1% past the
     tolerance on an H200 (1.90e-6 against 1.88e-6, found with 3 pretended SMs: the same one-split path as
-    here); fp32 decode now takes that dot in float64 (NOTES.md, section 5). The CPU interpreter's dot was
+    here); fp32 inputs now take their dots in float64 (NOTES.md, section 5). The CPU interpreter's dot was
     never such a chain, so there it passes either way."""
     q, k, v = peaked_qkv(3, 4, 2, 1, 50, 64, torch.float32, seed=53)
     _check(q, k, v, route="decode", label="fp32 B=3 Hkv=2 nk=50")
