@@ -302,6 +302,7 @@ def sweep_tiles(d_list=(128,)):
 # End to end: a 16-layer random Llama generating after a long prompt, dense against cab_fast.CabCache
 
 E2E_POLICY, E2E_SPARSITY = "cab", 0.9
+GPU_GIB = 81559 / 1024          # an H100 80GB (nvidia-smi: 81559 MiB): the GPU the capacity question is asked of
 
 
 def _llama(layers=16):
@@ -533,66 +534,114 @@ def _as_if_cut(cache, n, live):
         layer.seen = n
 
 
-def e2e_capacity(model, n, new_tokens=16, reserve_gib=(3.0, 6.0), evict_every=64):
-    """The largest batch at an n-token prompt that fits the GPU, from memory arithmetic, then run: decode
-    steps at that batch on synthetic caches (random keys and values in the state a prompt leaves: dense
-    StaticCache of n + new_tokens slots; CabCache slots after a cut), since running that many n-token
-    prefills would take minutes. reserve_gib: headroom for the step's own temporaries (dense; eviction,
-    whose cut ranks up to cab_fast._CUT_ELEMENTS slots at once)."""
+def _emulated_gpu(gib):
+    """Cap this process's allocator so that it and what lies outside it (the CUDA context, library
+    workspaces) use at most gib, as on a GPU of that size. Returns the bytes the allocator has left."""
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    outside = total - free - torch.cuda.memory_reserved()
+    limit = min(total, int(gib * 2 ** 30)) - outside
+    torch.cuda.set_per_process_memory_fraction(limit / total)
+    return limit - torch.cuda.memory_allocated()
+
+
+def _out_of_memory(error):
+    return isinstance(error, torch.OutOfMemoryError) or "ALLOC_FAILED" in str(error)
+
+
+def _largest_batch(run, batch, step=0.96, tries=12):
+    """The largest batch for which run(batch) does not run out of memory: from the memory arithmetic's batch
+    down (or up) by 4% until one batch runs and another does not, then bisection between them. Returns the
+    row of the largest batch that ran, with it and the smallest that did not (None if none was tried)."""
+    ran, too_big, row = 0, None, None
+    for _ in range(tries):
+        try:
+            row_now = run(batch)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
+                raise
+            too_big = batch
+        else:
+            ran, row = batch, row_now
+        finally:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        if too_big is not None and too_big - ran <= 1:
+            break
+        if not ran:
+            batch = max(1, min(batch - 1, int(batch * step)))
+        elif too_big is None:
+            batch = max(batch + 1, int(batch / step))
+        else:
+            batch = (ran + too_big) // 2
+    if row is None:
+        return {"batch": 0, "out_of_memory_at": too_big, "error": f"out of memory down to batch {too_big}"}
+    return {**row, "batch": ran, "out_of_memory_at": too_big}
+
+
+def e2e_capacity(model, n, gpu_gib, new_tokens=16, reserve_gib=(3.0, 6.0), evict_every=64):
+    """The largest batch at an n-token prompt that fits a GPU of gpu_gib, dense and with eviction, and the
+    tokens/s at each: decode steps on synthetic caches (random keys and values in the state a prompt leaves:
+    dense StaticCache of n + new_tokens slots; CabCache slots after a cut), since running that many n-token
+    prefills would take minutes. The search starts from memory arithmetic; reserve_gib is its headroom for a
+    step's own temporaries (dense; eviction, whose cut ranks up to cab_fast._CUT_ELEMENTS slots at once)."""
     import transformers
     cfg = model.config
     layers, hkv, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-    torch.cuda.empty_cache()
-    free_gib = torch.cuda.mem_get_info()[0] / 2 ** 30
+    free_gib = _emulated_gpu(gpu_gib) / 2 ** 30
     budget = ref.EvictionConfig(policy=E2E_POLICY, sparsity=E2E_SPARSITY).cache_budget(n)
     dense_seq = layers * hkv * (n + new_tokens) * d * 2 * 2 / 2 ** 30                 # K and V, bf16
     # transformers' SDPA path with a mask (StaticCache) repeats one layer's K and V to the query heads
     dense_seq += cfg.num_attention_heads * (n + new_tokens) * d * 2 * 2 / 2 ** 30
     slots = budget + evict_every
     evict_seq = layers * hkv * slots * (d * 2 * 2 + 4 + 8 + 1 + 8) / 2 ** 30            # K, V, score, position,
-    out = {"free_gib": free_gib, "budget": budget}                                      # valid, free list
-    for impl, per_seq, reserve in (("dense", dense_seq, reserve_gib[0]), ("evict", evict_seq, reserve_gib[1])):
-        batch = int((free_gib - reserve) // per_seq)
-        row = {"per_seq_mib": per_seq * 1024, "batch": batch}
-        _side(model, impl)
-        try:
-            with torch.no_grad():
-                if impl == "dense":
-                    cache = transformers.StaticCache(config=cfg, max_cache_len=n + new_tokens)
-                    token = _prefill(model, _prompt(batch, 1), cache)
-                    for layer in cache.layers:
-                        layer.keys.normal_()
-                        layer.values.normal_()
-                        layer.cumulative_length.fill_(n)
-                    row["step_ms"] = _eager_steps_ms(model, cache, token, steps=4, warmup=1)
-                else:
-                    cache = _evicting(evict_every, budget=budget)
-                    token = _prefill(model, _prompt(batch, 1), cache)
-                    for _ in range(2):                                        # the second one timed
-                        _as_if_cut(cache, n, slots - 1)                       # the next step cuts
-                        seconds, _ = _synced(lambda: model(token, past_key_values=cache))
-                    row["cut_step_ms"] = seconds * 1e3
-                    row["step_ms"] = _eager_steps_ms(model, cache, token, steps=4, warmup=1)
-                    row["amortised_ms"] = (row["cut_step_ms"] + (evict_every - 1) * row["step_ms"]) / evict_every
+    out = {"gpu_gib": gpu_gib, "free_gib": free_gib, "budget": budget}                  # valid, free list
+
+    def dense(batch):
+        cache = transformers.StaticCache(config=cfg, max_cache_len=n + new_tokens)
+        token = _prefill(model, _prompt(batch, 1), cache)
+        for layer in cache.layers:
+            layer.keys.normal_()
+            layer.values.normal_()
+            layer.cumulative_length.fill_(n)
+        return {"step_ms": _eager_steps_ms(model, cache, token, steps=4, warmup=1)}
+
+    def evict(batch):
+        cache = _evicting(evict_every, budget=budget)
+        token = _prefill(model, _prompt(batch, 1), cache)
+        for _ in range(2):                                                    # the second one timed
+            _as_if_cut(cache, n, slots - 1)                                   # the next step cuts
+            seconds, _ = _synced(lambda: model(token, past_key_values=cache))
+        row = {"cut_step_ms": seconds * 1e3, "step_ms": _eager_steps_ms(model, cache, token, steps=4, warmup=1)}
+        row["amortised_ms"] = (row["cut_step_ms"] + (evict_every - 1) * row["step_ms"]) / evict_every
+        return row
+
+    try:
+        for impl, run, per_seq, reserve in (("dense", dense, dense_seq, reserve_gib[0]),
+                                            ("evict", evict, evict_seq, reserve_gib[1])):
+            _side(model, impl)
+
+            def measured(batch, run=run):
+                with torch.no_grad():
+                    row = run(batch)
                 row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
                 row["tok_s"] = batch / row.get("amortised_ms", row["step_ms"]) * 1e3
-        except torch.OutOfMemoryError as e:
-            row["error"] = f"out of memory at batch {batch}: {str(e)[:120]}"
-        cache = token = None
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        out[impl] = row
+                return row
+            out[impl] = {"per_seq_mib": per_seq * 1024,
+                         **_largest_batch(measured, int((free_gib - reserve) // per_seq))}
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
     return out
 
 
-def _recorded(measure, model, n):
-    """measure(model, n), also kept as a row named after the function (for --json)."""
-    result = measure(model, n)
+def _recorded(measure, model, n, **kw):
+    """measure(model, n, **kw), also kept as a row named after the function (for --json)."""
+    result = measure(model, n, **kw)
     _row(measure.__name__, **result)
     return result
 
 
-def bench_end_to_end(n=32768, layers=16, say=print, capacity=True):
+def bench_end_to_end(n=32768, layers=16, say=print, capacity=True, gpu_gib=GPU_GIB):
     """Every end-to-end figure, dense beside eviction, in one process (rows also go to ROWS for --json)."""
     model = _llama(layers)
     say(f"\nend to end: random Llama ({layers} layers, hidden 2048, 16/4 heads, D=128, bf16), {n}-token prompt, "
@@ -626,12 +675,14 @@ def bench_end_to_end(n=32768, layers=16, say=print, capacity=True):
         flush=True)
     if not capacity:
         return
-    c = _recorded(e2e_capacity, model, n)
-    say(f"capacity at {n} tokens: {c['free_gib']:.1f} GiB free after the weights; budget {c['budget']} per layer "
-        f"and KV head; decode steps on synthetic caches at the largest batch (see e2e_capacity)")
+    c = _recorded(e2e_capacity, model, n, gpu_gib=gpu_gib)
+    say(f"capacity at {n} tokens on a {c['gpu_gib']:.1f} GiB GPU: {c['free_gib']:.1f} GiB free after the weights; "
+        f"budget {c['budget']} per layer and KV head; decode steps on synthetic caches at the largest batch that "
+        f"ran (see e2e_capacity)")
     for impl, v in ((k, c[k]) for k in ("dense", "evict")):
         label = "dense StaticCache" if impl == "dense" else "eviction, evict_every=64"
-        say(f"{label:<26} {v['per_seq_mib']:>8.1f} MiB/seq  batch {v['batch']:>5}  " +
+        oom = f" (out of memory at {v['out_of_memory_at']})" if v["out_of_memory_at"] else ""
+        say(f"{label:<26} {v['per_seq_mib']:>8.1f} MiB/seq  batch {v['batch']:>5}{oom}  " +
             (v["error"] if "error" in v else
              f"step {v['step_ms']:.2f} ms" + (f" (cut step {v['cut_step_ms']:.2f} ms, amortised "
                                                 f"{v['amortised_ms']:.2f} ms)" if "amortised_ms" in v else "")
@@ -682,6 +733,9 @@ def main():
     ap.add_argument("--autotune", action="store_true",
                     help="sweep cab_fast's candidate tiles first, print the winning table and use it in this run "
                          "(CAB_AUTOTUNE=1 in the environment instead tunes every shape class on its first call)")
+    ap.add_argument("--gpu-gib", type=float, default=GPU_GIB,
+                    help="the GPU memory the capacity section may use, GiB (default: an H100 80GB's; a larger GPU "
+                         "is capped to it, a smaller one uses all it has)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench.py needs a CUDA GPU (cab_fast's kernels); tests run on CPU, benchmarks do not")
@@ -729,7 +783,8 @@ def main():
                 f"{_f(r['sdpa_graph_ms'])} {_f(r['fast_graph_ms'])} {_f(r['graph_ratio'], '{:8.2f}')}  "
                 f"{r['tile']}", flush=True)
     if "e2e" not in skip:
-        bench_end_to_end(n=16384 if args.quick else 32768, say=say, capacity="capacity" not in skip)
+        bench_end_to_end(n=16384 if args.quick else 32768, say=say, capacity="capacity" not in skip,
+                         gpu_gib=args.gpu_gib)
     if "policies" not in skip:
         say("\nprefill with each policy's evidence and cut (end-to-end model, B=1, 90%, question = last 24 tokens), "
             "s; (x h2o) = over the scores-only policy")

@@ -112,6 +112,22 @@ def test_prompt_layers_cut_together(model, monkeypatch, held_bytes, selections):
         assert torch.equal(fast.prompt_record["selection"].kept, reference.prompt_record["selection"].kept)
 
 
+@pytest.mark.skipif(not GPU, reason="cut graphs exist only on a CUDA device")
+@pytest.mark.parametrize("evict_every", [1, 3])
+def test_eager_cuts_match_replayed_cuts(model, evict_every):
+    """cut_graphs=False runs every cut eagerly; the default replays a CUDA graph of the first cut after it.
+    Both generate the same tokens and keep the same positions after every token."""
+    ids, mask = left_padded_prompts()
+    runs = []
+    for cut_graphs in (True, False):
+        cache = cab_fast.CabCache(ref.EvictionConfig(policy="cab", sparsity=0.5), evict_every=evict_every,
+                                  question_span=QUESTION, cut_graphs=cut_graphs)
+        runs.append(generate_recording_kept(model, "cab_fast", cache, ids, mask, steps=7))
+        assert (cache.bank.cut_graph is not None) == cut_graphs
+    assert torch.equal(runs[0][0], runs[1][0]), "generated tokens differ"
+    assert_kept_equal(runs[0][1], runs[1][1])
+
+
 @pytest.mark.parametrize("policy, evict_every", [("h2o", 1), ("snapkv", 2)])
 def test_multi_token_calls_after_the_cut(model, policy, evict_every):
     """A 5-token question appended to a compressed cache (and a 3-token chunk after it) takes the
