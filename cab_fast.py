@@ -1158,6 +1158,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 _CUT_ELEMENTS = 1 << 24       # a cut ranks at most this many slots at once (its temporaries scale with it)
 _HELD_BYTES = 1 << 29         # prompt keys and values held at most for one cut of several layers (CabCache.hold)
+_RETIRED_GRAPHS = []          # dead banks' cut graphs, destroyed outside any stream capture (SlotBank.__del__)
 
 
 class SlotBank:
@@ -1194,6 +1195,13 @@ class SlotBank:
         self.next_slot = self.free[..., :1].clone()
         self.members = [None] * n_layers
         self.cut_graph = None      # see cut_all
+
+    def __del__(self):
+        """A cache lives in reference cycles (its layers point back at it), so it dies when the cyclic garbage
+        collector runs, at any allocation: inside another graph's capture, destroying its cut graph would
+        invalidate that capture. The graph is kept until the next cut graph's capture begins."""
+        if self.cut_graph is not None and torch.cuda.is_current_stream_capturing():
+            _RETIRED_GRAPHS.append(self.cut_graph)
 
     def _fill(self, name):
         return self.loop.config.policy.fill_value(name)
@@ -1246,6 +1254,7 @@ class SlotBank:
         per_cut = max(1, _CUT_ELEMENTS // self.scores[0].numel())
         if self.loop.cut_graphs and self.keys.is_cuda and per_cut >= len(self.members) \
                 and self.loop.head_group is None and not torch.cuda.is_current_stream_capturing():
+            _RETIRED_GRAPHS.clear()
             self.cut_graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.cut_graph):          # recorded, not run: the cut above did the work
                 self._cut_eagerly()

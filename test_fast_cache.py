@@ -14,6 +14,8 @@ On a GPU two more properties of the decode step: it never waits for the device (
 and it can be captured in a CUDA graph whose replays give the eager steps' results.
 """
 
+import gc
+
 import pytest
 import torch
 import transformers
@@ -126,6 +128,33 @@ def test_eager_cuts_match_replayed_cuts(model, evict_every):
         assert (cache.bank.cut_graph is not None) == cut_graphs
     assert torch.equal(runs[0][0], runs[1][0]), "generated tokens differ"
     assert_kept_equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.skipif(not GPU, reason="cut graphs exist only on a CUDA device")
+def test_dead_cache_keeps_its_graph_through_a_capture(model, monkeypatch):
+    """A dropped cache waits for the cyclic garbage collector (its layers point back at it). Collected while
+    a second cache captures its cut, the first one's CUDA graph must outlive that capture: destroying a
+    graph invalidates a capture in progress (seen as a failed generate() on the second cache)."""
+    ids, mask = left_padded_prompts()
+    config = ref.EvictionConfig(policy="cab", sparsity=0.5)
+    capture = cab_fast.SlotBank._cut_eagerly
+
+    def collecting(bank):
+        if torch.cuda.is_current_stream_capturing():
+            gc.collect()
+        capture(bank)
+    gc.disable()                                         # the first cache stays garbage until collecting()
+    try:
+        first = cab_fast.CabCache(config)
+        generate_recording_kept(model, "cab_fast", first, ids, mask)
+        assert first.bank.cut_graph is not None
+        del first
+        monkeypatch.setattr(cab_fast.SlotBank, "_cut_eagerly", collecting)
+        second = cab_fast.CabCache(config)
+        generate_recording_kept(model, "cab_fast", second, ids, mask)
+        assert second.bank.cut_graph is not None and cab_fast._RETIRED_GRAPHS
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("policy, evict_every", [("h2o", 1), ("snapkv", 2)])
