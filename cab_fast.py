@@ -588,9 +588,9 @@ def _decode_partial_kernel(Q, K, V, KM, Work, Out, Scores,
 
 @triton.jit
 def _reduce_scores(Scores_base, Lg_base, KM_base, stride_kmn, Mp, Lp, part_s, s_ok, rows, start_n, N_K,
-                   HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HAS_MASK: tl.constexpr, ROWS_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """Scores of keys [start_n, +BLOCK_N): the rows' final lse from their split partials, then the logits."""
-    offs_r = tl.arange(0, BLOCK_R)
+    offs_r = tl.arange(0, ROWS_R)
     part = part_s[:, None] + offs_r[None, :]
     m_s = tl.load(Mp + part, mask=s_ok[:, None], other=-1.0e30)     # [BLOCK_S, BLOCK_R]
     l_s = tl.load(Lp + part, mask=s_ok[:, None], other=0.0)
@@ -617,11 +617,14 @@ def _decode_reduce_kernel(Work, KM, Out, Scores,
                           sob, soh, som, sod, skmb, skmn,
                           H_KV, G, N_Q, N_K, NUM_SPLITS, PARTS,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                          BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+                          ROWS_R: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
     """Program (block, batch * KV head). The first cdiv(N_K, BLOCK_N) blocks turn BLOCK_N keys' stored
     logits into scores; each of the G * N_Q blocks after them writes one row of out. Every program combines
     the split partials of its rows itself, all splits at once and in the same fixed order (deterministic):
-    one step each, since a loop over splits or keys in a few programs was latency-bound."""
+    one step each, since a loop over splits or keys in a few programs was latency-bound. The partials are
+    laid out BLOCK_R rows apart (the partial kernel's tile, >= 16 for its dots); the score blocks take only
+    ROWS_R = next_pow2(G * N_Q) rows, so that MHA's single row does not exponentiate 15 padding rows."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H_KV).to(tl.int64)
@@ -634,7 +637,7 @@ def _decode_reduce_kernel(Work, KM, Out, Scores,
     rows = G * N_Q
     if pid < key_blocks:
         _reduce_scores(Scores + pid_bh.to(tl.int64) * N_K, Lg + pid_bh.to(tl.int64) * rows * N_K, KM + b * skmb,
-                       skmn, Mp, Lp, part_s, s_ok, rows, pid * BLOCK_N, N_K, HAS_MASK=HAS_MASK, BLOCK_R=BLOCK_R,
+                       skmn, Mp, Lp, part_s, s_ok, rows, pid * BLOCK_N, N_K, HAS_MASK=HAS_MASK, ROWS_R=ROWS_R,
                        BLOCK_N=BLOCK_N)
     else:                                                           # out row r = (query head g, query i)
         r = pid - key_blocks
@@ -999,8 +1002,8 @@ _MIN_SPLIT = 16 if _INTERPRET else 256    # decode keys one program takes before
 _MAX_SPLITS = 128                         # the reduce kernel combines at most this many splits at once
 
 
-def _reduce_block_n(block_r):
-    return 16 if _INTERPRET else max(16, min(1024, 16384 // block_r))   # [BLOCK_R, BLOCK_N] <= 16384
+def _reduce_block_n(rows_r):
+    return 16 if _INTERPRET else max(16, min(1024, 16384 // rows_r))    # [ROWS_R, BLOCK_N] <= 16384
 
 
 def _decode_block_r(q, k):
@@ -1034,11 +1037,12 @@ def _decode_launches(q, k, v, key_mask, qk_scale, causal, tile):
                            PREC=_prec(q.dtype), SINGLE=splits == 1, BLOCK_N=block_n))
     if splits == 1:
         return (partial,), work
-    red_n = _reduce_block_n(block_r)
+    rows_r = _next_pow2(rows)
+    red_n = _reduce_block_n(rows_r)
     reduce = _Launch(_decode_reduce_kernel, (_cdiv(nk, red_n) + rows, b * hkv), (_WORK, _KM, _OUT, _SCORES),
                      (*out_stride, skmb, skmn, hkv, g, nq, nk, splits, parts), 8, 3,
-                     dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_S=max(16, _next_pow2(splits)),
-                          HAS_MASK=has_mask, BLOCK_N=red_n))
+                     dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, ROWS_R=rows_r,
+                          BLOCK_S=max(16, _next_pow2(splits)), HAS_MASK=has_mask, BLOCK_N=red_n))
     return (partial, reduce), work
 
 
