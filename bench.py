@@ -632,19 +632,19 @@ def e2e_capacity(model, n, gpu_gib, new_tokens=16, reserve_gib=(3.0, 6.0), evict
         row["amortised_ms"] = (row["cut_step_ms"] + (evict_every - 1) * row["step_ms"]) / evict_every
         return row
 
+    def measured(run, batch):
+        with torch.no_grad():
+            row = run(batch)
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        row["tok_s"] = batch / row.get("amortised_ms", row["step_ms"]) * 1e3
+        return row
+
     try:
         for impl, run, per_seq, reserve in (("dense", dense, dense_seq, reserve_gib[0]),
                                             ("evict", evict, evict_seq, reserve_gib[1])):
             _side(model, impl)
-
-            def measured(batch, run=run):
-                with torch.no_grad():
-                    row = run(batch)
-                row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-                row["tok_s"] = batch / row.get("amortised_ms", row["step_ms"]) * 1e3
-                return row
             out[impl] = {"per_seq_mib": per_seq * 1024,
-                         **_largest_batch(measured, int((free_gib - reserve) // per_seq))}
+                         **_largest_batch(functools.partial(measured, run), int((free_gib - reserve) // per_seq))}
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     return out

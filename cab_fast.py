@@ -592,7 +592,7 @@ def _reduce_scores(Scores_base, Lg_base, KM_base, stride_kmn, Mp, Lp, part_s, s_
     """Scores of keys [start_n, +BLOCK_N): the rows' final lse from their split partials, then the logits."""
     offs_r = tl.arange(0, ROWS_R)
     part = part_s[:, None] + offs_r[None, :]
-    m_s = tl.load(Mp + part, mask=s_ok[:, None], other=-1.0e30)     # [BLOCK_S, BLOCK_R]
+    m_s = tl.load(Mp + part, mask=s_ok[:, None], other=-1.0e30)     # [BLOCK_S, ROWS_R]
     l_s = tl.load(Lp + part, mask=s_ok[:, None], other=0.0)
     m_all = tl.max(m_s, 0)                                          # [BLOCK_R]
     l_all = tl.sum(l_s * tl.math.exp2(m_s - m_all[None, :]), 0)

@@ -10,8 +10,9 @@ the selection itself creates (padding, pooled priorities, equal positions) are e
 broken by the same rule, so with these inputs a different kept set means a bug, and the test prints the
 step, layer and both sets.
 
-On a GPU two more properties of the decode step: it never waits for the device (sync debug mode "error"),
-and it can be captured in a CUDA graph whose replays give the eager steps' results.
+On a GPU, more properties of the decode step: it never waits for the device (sync debug mode "error"); it
+can be captured in a CUDA graph whose replays give the eager steps' results; cuts replayed from the cut's
+own CUDA graph equal eager ones; and a dropped cache's graph survives another cache's capture.
 """
 
 import gc
