@@ -568,7 +568,7 @@ def _out_of_memory(error):
 def _largest_batch(run, batch, step=0.96, tries=12):
     """The largest batch for which run(batch) does not run out of memory: from the memory arithmetic's batch
     down (or up) by 4% until one batch runs and another does not, then bisection between them. Returns the
-    row of the largest batch that ran, with it and the smallest that did not (None if none was tried)."""
+    row of the largest batch that ran, with it and the smallest that ran out of memory (None if none did)."""
     ran, too_big, row = 0, None, None
     for _ in range(tries):
         try:

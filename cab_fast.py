@@ -594,7 +594,7 @@ def _reduce_scores(Scores_base, Lg_base, KM_base, stride_kmn, Mp, Lp, part_s, s_
     part = part_s[:, None] + offs_r[None, :]
     m_s = tl.load(Mp + part, mask=s_ok[:, None], other=-1.0e30)     # [BLOCK_S, ROWS_R]
     l_s = tl.load(Lp + part, mask=s_ok[:, None], other=0.0)
-    m_all = tl.max(m_s, 0)                                          # [BLOCK_R]
+    m_all = tl.max(m_s, 0)                                          # [ROWS_R]
     l_all = tl.sum(l_s * tl.math.exp2(m_s - m_all[None, :]), 0)
     _store_logit_scores(Scores_base, Lg_base, KM_base, stride_kmn, _lse2(m_all, l_all), offs_r, offs_r < rows,
                         start_n + tl.arange(0, BLOCK_N), N_K, HAS_MASK=HAS_MASK)
@@ -1456,9 +1456,9 @@ class CabCache(_ref.CabCache):
         if self.n_layers is None or layer.index != self.n_layers - 1:
             return
         self.cut_held()
-        for layer in self.layers:
+        for cut in self.layers:
             if self.slots_ok:
-                self.into_bank(layer)
+                self.into_bank(cut)
 
     def into_bank(self, layer):
         """A cut layer into the bank (the first makes it); a layer that does not fit dissolves the bank."""
