@@ -37,6 +37,7 @@ import html as html_lib
 import importlib.util
 import itertools
 import json
+import math
 import os
 import re
 import string
@@ -330,6 +331,7 @@ def with_tokenizer_knobs(policy, given: dict, tokenizer):
 
 
 def check_model_args(args):
+    check_device_args(args)                 # first: a machine without CUDA refuses --fast, model or not
     if args.model is None:
         spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
         if spec is None:
@@ -344,6 +346,9 @@ def check_model_args(args):
                          f"like HuggingFaceTB/SmolLM2-135M-Instruct)")
     if local and args.gguf_file and not os.path.isfile(os.path.join(args.model, args.gguf_file)):
         raise UsageError(f"--gguf-file {args.gguf_file}: not found in {args.model}")
+
+
+def check_device_args(args):
     if args.fast and not torch.cuda.is_available():
         raise UsageError("--fast: needs a CUDA device (cab_fast's kernels are Triton); none is available")
     args.device = args.device or ("cuda" if args.fast else "cpu")
@@ -409,7 +414,8 @@ def check_args(args, need_model=True) -> Plan:
     elif args.prompt_file:
         plan.prompt = read_prompt_file(args.prompt_file)
     elif args.context:
-        plan.prompt = check_qa_item({"context": args.context, "question": args.question, "answer": args.answer},
+        given = {"context": args.context, "question": args.question, "answer": args.answer}
+        plan.prompt = check_qa_item({k: v for k, v in given.items() if v is not None},
                                     "--context/--question/--answer", ())
     else:
         plan.prompt = {"context": DEFAULT_CONTEXT, "question": DEFAULT_QUESTION, "answer": DEFAULT_ANSWER}
@@ -891,10 +897,11 @@ def run_prompt(plan: Plan, engine: Engine, style, clock):
             rep["correct"] = contains(rep["output"], answer) if answer else None
             if not args.layers:
                 rep.pop("per_layer")
-        json.dump({"prompt_tokens": prompt.n, "cut": prompt.cut, "question_positions": prompt.question_positions,
-                   "answer_positions": prompt.answer_positions, "dense": dense, "answer": answer,
-                   "not_applicable": skipped, "policies": reports, "seconds": clock.seconds()},
-                  sys.stdout, indent=1)
+        json.dump(json_safe({"prompt_tokens": prompt.n, "cut": prompt.cut,
+                             "question_positions": prompt.question_positions,
+                             "answer_positions": prompt.answer_positions, "dense": dense, "answer": answer,
+                             "not_applicable": skipped, "policies": reports, "seconds": clock.seconds()}),
+                  sys.stdout, indent=1, allow_nan=False)
         sys.stdout.write("\n")
         return reports
     qs = prompt.question_positions
@@ -1029,10 +1036,21 @@ def mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def json_safe(value):
+    """value with every NaN or infinity (nothing to measure) as None, at any depth: JSON has no NaN, and
+    strict readers (jq, JavaScript) reject the bare NaN that json.dumps writes; null they all accept."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def json_line(record) -> str:
-    """One JSON line; NaN (nothing to measure) becomes null, which every JSON reader accepts."""
-    clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in record.items()}
-    return json.dumps(clean)
+    """One strict JSON line (NaN as null)."""
+    return json.dumps(json_safe(record), allow_nan=False)
 
 
 def summarise(rows, plan: Plan) -> list:
@@ -1115,8 +1133,8 @@ def run_suite_command(plan: Plan, engine: Engine, style, clock):
     summary = summarise(rows, plan)
     n_runs = len([p for p in plan.policies if not plan.not_applicable(p)]) * len(plan.sparsities)
     if args.json:
-        print(json.dumps({"summary": [json.loads(json_line(t)) for t in summary], "interrupted": interrupted,
-                          "seconds": clock.seconds(), "device": str(engine.model.device)}))
+        print(json_line({"summary": summary, "interrupted": interrupted, "seconds": clock.seconds(),
+                         "device": str(engine.model.device)}))
     else:
         print_suite(summary, plan, style)
         done = f"{len(rows)} of {len(plan.items) * n_runs} results" if interrupted else \

