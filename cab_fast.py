@@ -34,7 +34,8 @@ in place. Two parts, in this order:
    7-10% faster on the H100). A call's launches are planned once per input metadata (shapes, strides,
    dtypes, device, alignment; section "Plans"): a repeated call only allocates its outputs and calls the
    compiled kernels' launchers directly, without triton's per-call argument binding; the kernels a call
-   needs compile together.
+   needs compile together. Those direct launches use triton internals and are taken only under the triton
+   releases they were run on (DIRECT_LAUNCH_TRITON); any other launches through triton's public API.
 
 2. CabCache (section "fast cache", at the end): the twin of the reference's eviction loop for generation.
    It subclasses cab_reference.CabCache: the same arguments (plus cut_graphs) and methods; policies,
@@ -653,7 +654,19 @@ def _decode_reduce_kernel(Work, KM, Out, Scores,
 # parses options on every call; after its first launch a _Launch keeps the compiled kernel and calls its
 # C launcher directly, the tensors passed as raw pointers (a tensor would cost a driver query each).
 
-_DIRECT_LAUNCH = not _INTERPRET
+# A direct launch (_Launch.keep and .launch, _compile_together, _build_launcher) calls triton's internals:
+# a compiled kernel's run, function and packed_metadata, the launcher's argument order, the driver's
+# launcher_cls, AsyncCompileMode. They were written against and run on these triton releases; under any
+# other, every launch goes through triton's public kernel[grid](...): the same kernels, more host time a call.
+DIRECT_LAUNCH_TRITON = ("3.6",)
+
+
+def _direct_launch_tested(version: str) -> bool:
+    """Whether triton `version` (e.g. "3.6.0", "3.6.0+git1234") is a release the direct launch was run on."""
+    return ".".join(version.split("+")[0].split(".")[:2]) in DIRECT_LAUNCH_TRITON
+
+
+_DIRECT_LAUNCH = not _INTERPRET and _direct_launch_tested(triton.__version__)
 _COMPILED = {}                # _specialisation(...) -> compiled kernel, shared by every launch that matches
 
 

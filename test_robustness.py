@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -37,6 +39,7 @@ from testkit import (
     examples,
     forward,
     left_padding_mask,
+    make_qkv,
     oracle_attention,
     policy_cases,
     promised,
@@ -54,6 +57,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 needs_fast = pytest.mark.skipif(not FAST_OK, reason="cab_fast unavailable (no CUDA and no TRITON_INTERPRET)")
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -384,6 +388,32 @@ def test_fast_cpu_tensor_without_interpreter_points_to_alternatives(monkeypatch)
     with pytest.raises(ValueError) as info:
         cab_fast.attention(q, q, q)
     assert "cab_reference" in str(info.value) and "TRITON_INTERPRET" in str(info.value)
+
+
+@pytest.mark.skipif(cab_fast is None, reason="cab_fast not importable")
+def test_direct_launch_only_under_the_triton_releases_it_was_run_on():
+    """Direct launches call triton internals: they are taken only under the releases named in
+    DIRECT_LAUNCH_TRITON (decided on import), and every other release launches through triton's public API."""
+    assert cab_fast._direct_launch_tested("3.6.0") and cab_fast._direct_launch_tested("3.6.1+git5f1b2c")
+    for version in ("3.5.1", "3.9.0", "3.10.0", "4.6.0", "13.6.0"):
+        assert not cab_fast._direct_launch_tested(version), version
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}      # compiled kernels, not the interpreter
+    for version, direct in (("3.6.0", True), ("3.9.0", False)):
+        code = f"import triton; triton.__version__ = {version!r}; import cab_fast; print(cab_fast._DIRECT_LAUNCH)"
+        run = subprocess.run([sys.executable, "-c", code], env=env, cwd=HERE, capture_output=True, text=True,
+                             timeout=300)
+        assert run.stdout.strip() == str(direct), (version, run.stderr[-2000:])
+
+
+@needs_gpu
+@pytest.mark.parametrize("nq", [64, 1], ids=["prefill", "decode"])
+def test_public_launch_matches_the_direct_launch(monkeypatch, nq):
+    q, k, v = make_qkv(2, 8, 2, nq, 300, 64, dtype=torch.bfloat16, device="cuda")
+    direct = [cab_fast.attention(q, k, v) for _ in range(2)]                  # the second one launches directly
+    monkeypatch.setattr(cab_fast, "_DIRECT_LAUNCH", False)
+    public = cab_fast.attention(q, k, v)
+    for a, b in zip(direct[1], public):
+        assert torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------------------------------
