@@ -266,6 +266,7 @@ def sweep_tiles(d_list=(128,)):
     cab_fast._TILES for the rest of this run. Returns the table entries to paste into cab_fast.py."""
     cap, name = torch.cuda.get_device_capability(), torch.cuda.get_device_name(0)
     table = cab_fast._TILES.setdefault(name, {})          # this GPU's own entry: looked up before its architecture's
+    shared = cab_fast._device(torch.empty(0, device="cuda"))[0][2]     # shared memory per block
     found = {}
     for d in d_list:
         bd = cab_fast._block_d(d)
@@ -284,7 +285,7 @@ def sweep_tiles(d_list=(128,)):
             problems["decode"].append(lambda t, q=q, k=k, v=v: cab_fast._decode(q, k, v, 1 / math.sqrt(d), True, None,
                                                                                tile=t))
         for kind, runs in problems.items():
-            cands = [t for t in cab_fast._CANDIDATES[kind] if cab_fast._fits(kind, t, bd, False)]
+            cands = [t for t in cab_fast._CANDIDATES[kind] if cab_fast._fits(kind, t, bd, False, shared)]
             times = [[cab_fast._time_ms(lambda: run(t)) for run in runs] for t in cands]
             best = [min(col) for col in zip(*times)]
             slow = [math.exp(sum(math.log(x / b) for x, b in zip(row, best)) / len(best)) for row in times]

@@ -15,14 +15,28 @@ Tolerance rule (derived, not guessed; NOTES.md has the measured errors):
              (a score sums Nq * G probabilities, each with a relative error of a few float32 ulps from the
               logit and exp2; 64 ulps leaves room for the vendor forward's lse)
   u = unit roundoff of the input dtype (fp32 2^-24, fp16 2^-11, bf16 2^-8).
-Kept indices must be identical, except among near-ties (testkit.assert_same_kept): a token kept by one
-side only must rank within tolerance of a token kept by the other side only, by the reference's scores or
-by evidence each side computed with its own attention (SnapKV's window, Bidirectional's, Delayed's
-decode scores: 2e-5 of the row's largest value).
+Kept indices (prompt cuts, and cuts after decode steps with evict_every 1 and 3, every policy, lengths
+around every block the kernels use for each head dim and dtype, causal or not, left padding) must be
+identical, except for ties (testkit.assert_kept_ties_within_bounds). Each key j's score carries its own
+error bound, bound[j] = the scores rule above: 4x the error of float32 PyTorch's column sum for key j (its
+float32 accumulation error over the Nq * G probabilities, measured against float64) + 64 float32 ulps of
+it + 1e-6 * G; every attention call of either side is asserted within it, and sums of calls (decode steps,
+heads summed) add their bounds. A token x kept by one side only may replace y kept by the other only if
+BOTH sides' own ranking values for x and y differ by at most B[x] + B[y], B = the two sides' bounds added
+(so either order is within error); for SnapKV's pooled scores the pooled bounds, for QuestionAware's mix
+the bound to first order, and for CAB-like policies' median bridge a key o equally far from x and y within
+B[x] + B[y] + 2 B[o]. Evidence a side computes with its own attention (SnapKV's window, Bidirectional's,
+Delayed's decode scores) carries its calls' bounds the same way.
 """
 
+import concurrent.futures
 import functools
+import itertools
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -30,7 +44,7 @@ import triton
 
 import cab_fast
 import cab_reference as ref
-from testkit import GPU, assert_same_kept, generate, left_padding_mask, make_qkv, prompts, tiny_model
+from testkit import GPU, assert_kept_ties_within_bounds, generate, left_padding_mask, make_qkv, prompts, tiny_model
 
 DEV = "cuda" if GPU else "cpu"
 UNIT = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
@@ -59,13 +73,24 @@ LENGTH_CASES = [(d, dtype, n) for d, dtype in TILE_CASES
                 for n in _around(_blocks(d, dtype), extra=(97, 1000, 4097) if GPU else (97,))]
 GROUPS = [1, 3, 4, 8]
 HEAD_DIMS = [64, 80, 96, 128, 256] if GPU else [64, 80, 128]
-# kept indices: one length just below and one just above each block the D=64 kernels use, every dtype
-POLICY_LENGTHS = sorted({m for b in _blocks(64, torch.float32) if b > 8 for m in (b - 1, b + 1)})
-POLICY_CASES = [(n, dtype) for n in POLICY_LENGTHS for dtype in DTYPES]
 
 
 # q and k scaled by sqrt(2): logits twice a plain draw's, a peaked softmax (heavy hitters differ)
-peaked_qkv = functools.partial(make_qkv, magnitude=2 ** 0.5, device=DEV)
+def peaked_qkv(*args, magnitude=2 ** 0.5, **kwargs):
+    """make_qkv on the test's device; a test in bf16 skips on a GPU before sm80 (triton's bf16 dots need it)."""
+    dtype = args[6] if len(args) > 6 else kwargs.get("dtype")
+    if GPU and dtype == torch.bfloat16 and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("bf16 needs sm80 or later")
+    return make_qkv(*args, magnitude=magnitude, device=DEV, **kwargs)
+
+
+def _cudnn(fn, *args, **kwargs):
+    """A call that forces the cuDNN forward; skips the test where cuDNN refuses it (its GPU, version or
+    shape), which the "auto" route would route around."""
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as error:
+        pytest.skip(f"cuDNN refuses this call here: {str(error)[:200]}")
 
 
 def _yardstick(q, k, v, causal, key_mask):
@@ -80,8 +105,11 @@ def _score_tolerance(t_sc, y_sc, g):
     return 4 * (y_sc.double() - t_sc).abs() + 64 * 2.0 ** -24 * t_sc.abs() + 1e-6 * g
 
 
-def _check(q, k, v, *, causal=True, key_mask=None, route="auto", label=""):
-    out, scores = cab_fast._attention(q, k, v, causal=causal, key_mask=key_mask, route=route)
+def _check(q, k, v, *, causal=True, key_mask=None, route="auto", label="", decode_tile=None):
+    if decode_tile is None:
+        out, scores = cab_fast._attention(q, k, v, causal=causal, key_mask=key_mask, route=route)
+    else:
+        out, scores = cab_fast._decode(q, k, v, q.shape[-1] ** -0.5, causal, key_mask, tile=decode_tile)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert scores.shape == (k.shape[0], k.shape[1], k.shape[2]) and scores.dtype == torch.float32
     t_out, t_sc = ref.attention(q.double(), k.double(), v.double(), causal=causal, key_mask=key_mask)
@@ -189,7 +217,7 @@ def test_decode_many_splits(hkv, nk, monkeypatch):
     """The reduce kernel combines every split of a row in one step: up to _MAX_SPLITS (128) of them, more
     than the interpreter's 4 pretend SMs ever ask for, so a larger GPU is pretended. Then a second call with
     fewer splits on the same stream reuses the (now larger) workspace."""
-    sms = {} if GPU else {"_DEVICES": {-1: (((0, 0), "interpreter"), 1024)}}
+    sms = {} if GPU else {"_DEVICES": {-1: (((0, 0), "interpreter", 1 << 30), 1024)}}
     for name, value in {"_PLANS": {}, **sms}.items():              # plans made with the pretended GPU
         monkeypatch.setattr(cab_fast, name, value)
     q, k, v = peaked_qkv(1, 2 * hkv, hkv, 1, nk, 64, torch.float32, seed=nk)
@@ -298,55 +326,184 @@ def test_default_call_does_not_inspect_values(route, monkeypatch):
 # ----------------------------------------------------------------------------------------------------
 # Kept indices for every policy, at lengths around the blocks and in every dtype
 
-def _config(policy):
+def _config(policy, budget=None):
     knobs = {"window": 4} if policy == "snapkv" else {}             # a window that fits the short prompts
-    return ref.EvictionConfig(policy=ref.make_policy(policy, **knobs), sparsity=0.75)
+    return ref.EvictionConfig(policy=ref.make_policy(policy, **knobs), sparsity=0.75, budget=budget)
 
 
-# evidence each side computes with its own attention; near ties in it may swap kept tokens
+# evidence each side computes with its own attention; its own error bound rides with it
 ATTENTION_EVIDENCE = ("window_scores", "bidirectional_scores", "decode_scores")
 
 
-def _relative(score_tol, scores):
-    """One tolerance relative to each row's largest score (assert_same_kept's form; at least the per-token
-    one), and at least 2e-5: the attention-computed evidence's 1e-5 + 1e-5 |e| per token, in that form."""
-    return max(2e-5, float((score_tol / scores.abs().amax(-1, keepdim=True).clamp_min(1)).max()))
+class _Bounded:
+    """attention_fn of one side that also keeps, per call, each key's score error bound:
+    bound[j] = _score_tolerance (4x float32 PyTorch's error of key j's column sum against float64, plus
+    64 float32 ulps of it), which the call's scores are asserted to be within. A swap between the two
+    sides is a tie when their values differ by no more than the sum of both sides' bounds."""
+
+    def __init__(self, fn):
+        self.fn, self.bounds = fn, []
+
+    def __call__(self, q, k, v, *, scale=None, causal=True, key_mask=None):
+        out, scores = self.fn(q, k, v, scale=scale, causal=causal, key_mask=key_mask)
+        t_sc = ref.attention(q.double(), k.double(), v.double(), scale=scale, causal=causal, key_mask=key_mask)[1]
+        bound = _score_tolerance(t_sc, _yardstick(q, k, v, causal, key_mask)[1], q.shape[1] // k.shape[1])
+        assert ((scores.double() - t_sc).abs() <= bound).all(), f"{self.fn.__module__} scores past their bound"
+        self.bounds.append(bound)
+        return out, scores
+
+    def take(self):
+        """The bounds of the calls since the last take, summed (zero without any)."""
+        total = sum(self.bounds) if self.bounds else 0.0
+        self.bounds = []
+        return total
+
+
+# (head dim, dtype) whose blocks the kept-index lengths straddle: fp32, and fp16 and bf16 at D=64 and the
+# model's D=128 (under the interpreter every tile is 16 wide: the model's pair and fp32 cover it)
+KEPT_TILES = ([(64, torch.float32), (64, torch.float16), (64, torch.bfloat16), (128, torch.float16),
+               (128, torch.bfloat16)] if GPU else [(64, torch.float32), (128, torch.bfloat16)])
+KEPT_CASES = [(d, dtype, n) for d, dtype in KEPT_TILES
+              for n in sorted({m for b in _blocks(d, dtype) if b > 8 for m in (b - 1, b + 1)})]
+# decode steps: caches that straddle the decode kernels' key block and split threshold (the model's pair on the CPU)
+DECODE_KEPT_CASES = [(d, dtype, b) for d, dtype in KEPT_TILES if GPU or d == 128
+                     for b in sorted({cab_fast.tiles(DEV, d, dtype)["decode"][0], cab_fast._MIN_SPLIT})]
+
+
+def _inputs(d, dtype, n, steps=0):
+    """q, k, v for a prompt of n tokens and `steps` decode tokens after it (B=2, 4 query heads on 2 KV heads,
+    left padding in row 1, peaked logits), the key mask and the question (near the prompt's end)."""
+    q, k, v = peaked_qkv(2, 4, 2, n + steps, n + steps, d, dtype, seed=11 + n + d, magnitude=3 ** 0.5)
+    key_mask = left_padding_mask(2, n, [0, n // 8], device=DEV)
+    question = (max(0, n - 10), max(1, n - 2))
+    question_mask = torch.zeros(2, n, dtype=torch.bool, device=DEV)
+    question_mask[:, question[0]:question[1]] = True
+    return q, k, v, key_mask, question, question_mask
+
+
+def _values(scores, evidence):
+    """One side's values and the evidence names its own attention computed."""
+    computed = [name for name in ATTENTION_EVIDENCE if name in evidence]
+    return {"scores": scores, **evidence}, computed
 
 
 @functools.cache
-def _policy_case(n, dtype):
-    """Inputs (left padding in row 1, a question near the end) and both sides' scores for one case."""
-    b, hq, hkv, d = 2, 4, 2, 64
-    q, k, v = peaked_qkv(b, hq, hkv, n, n, d, dtype, seed=11 + n, magnitude=3 ** 0.5)
-    key_mask = left_padding_mask(b, n, [0, n // 8], device=DEV)
-    question_mask = torch.zeros(b, n, dtype=torch.bool, device=DEV)
-    question_mask[:, max(0, n - 10):max(1, n - 2)] = True
-    _, sc_f, _, tol = _check(q, k, v, key_mask=key_mask, label=f"policy inputs n={n} {dtype}")
-    sc_r = ref.attention(q, k, v, key_mask=key_mask)[1]
-    return q, k, v, key_mask, question_mask, sc_f, sc_r, tol
+def _prompt_scores(d, dtype, n, causal):
+    """Each side's scores of one prompt, with their per-key bounds (every policy ranks the same call)."""
+    q, k, v, key_mask, _, _ = _inputs(d, dtype, n)
+    sides = [_Bounded(fn) for fn in (cab_fast.attention, ref.attention)]
+    return [(side(q, k, v, causal=causal, key_mask=key_mask)[1], side.take()) for side in sides]
 
 
-def _evidence(config, q, k, v, key_mask, question_mask, attention_fn):
-    ctx = ref.prompt_evidence(q, k, v, config, key_mask=key_mask, question_mask=question_mask,
-                              attention_fn=attention_fn)
-    if "decode_scores" in ctx:       # delayed: the first generated token's attention ranks the prompt
-        ctx["decode_scores"] = attention_fn(q[:, :, -1:], k, v, causal=True, key_mask=key_mask)[1]
-    return ctx
-
-
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("d,dtype,n", KEPT_CASES)
 @pytest.mark.parametrize("policy", ref.POLICIES)
-def test_kept_indices_every_policy(policy):
+def test_kept_indices_prefill_cut(policy, d, dtype, n, causal):
+    """The prompt's cut: the same kept tokens from either side's scores and evidence, at lengths around every
+    block the kernels use for this head dim and dtype, causal or not, with left padding."""
     config = _config(policy)
-    for n, dtype in POLICY_CASES:
-        q, k, v, key_mask, question_mask, sc_f, sc_r, tol = _policy_case(n, dtype)
-        ctx_f = _evidence(config, q, k, v, key_mask, question_mask, cab_fast.attention)
-        ctx_r = _evidence(config, q, k, v, key_mask, question_mask, ref.attention)
-        masks = {"key_mask": key_mask, "question_mask": question_mask}
-        kept_f = ref.select_kept(sc_f, config, **masks, **ctx_f)
-        kept_r = ref.select_kept(sc_r, config, **masks, **ctx_r)
-        computed = [name for name in ATTENTION_EVIDENCE if name in ctx_r]
-        assert_same_kept(kept_f.cpu(), kept_r.cpu(), sc_r.cpu(), _relative(tol, sc_r), config.policy, config.per_head,
-                         {name: t.cpu() for name, t in ctx_r.items()}, computed=computed)
+    q, k, v, key_mask, _, question_mask = _inputs(d, dtype, n)
+    values, bounds = [], {}
+    for fn, (scores, bound) in zip((cab_fast.attention, ref.attention), _prompt_scores(d, dtype, n, causal)):
+        side = _Bounded(fn)
+        bounds["scores"] = bounds.get("scores", 0.0) + bound
+        evidence = ref.prompt_evidence(q, k, v, config, key_mask=key_mask, question_mask=question_mask,
+                                       attention_fn=side)
+        if "decode_scores" in evidence:    # Delayed: the first generated token's attention ranks the prompt
+            evidence["decode_scores"] = side(q[:, :, -1:], k, v, key_mask=key_mask)[1]
+        kept = ref.select_kept(scores, config, key_mask=key_mask, question_mask=question_mask, **evidence)
+        vals, computed = _values(scores, evidence)
+        evidence_bound = side.take()
+        for name in computed:
+            bounds[name] = bounds.get(name, 0.0) + evidence_bound
+        values.append((kept, vals))
+    (kept_f, vals_f), (kept_r, vals_r) = values
+    assert_kept_ties_within_bounds(kept_f, kept_r, vals_f, vals_r, bounds, config.policy, config.per_head)
+
+
+class _TwinLayer(ref.LayerState):
+    """One side's layer in the eviction loop, carrying each slot's score error bound. At every cut the
+    reference's layer (which runs the step first) records its choice; the fast layer checks its own against
+    it, ties within bounds allowed, then keeps the reference's, so both sides go on from the same slots."""
+
+    def __init__(self, loop):
+        super().__init__(loop)
+        self.bound = self.cut = None
+
+    def append(self, k, v, valid=None):
+        out = super().append(k, v, valid)
+        new = self.scores.new_zeros(*self.scores.shape[:2], k.shape[2], dtype=torch.float64)
+        self.bound = new if self.bound is None else torch.cat([self.bound, new], dim=-1)
+        return out
+
+    def gather(self, kept):
+        super().gather(kept)
+        self.bound = self.bound.gather(2, kept)
+
+    def after_attention(self, q, scores, *, scale=None, attention_fn=ref.attention):
+        self.bound = self.bound + attention_fn.take()
+        super().after_attention(q, scores, scale=scale, attention_fn=attention_fn)
+
+    def evict(self, record=False):
+        config = self.loop.config
+        values, computed = _values(self.scores, self.evidence)
+        evidence_bound = self.loop.attention_fn.take()
+        bounds = {"scores": self.bound, **{name: self.bound + evidence_bound for name in computed}}
+        selection = ref.choose(self.scores, self.budget, config.policy, config.per_head, self.context())
+        twin = self.loop.twin
+        if twin is not None:                                         # the fast side, after the reference
+            ref_positions, ref_kept, ref_values, ref_bounds = twin.layers[0].cut
+            assert torch.equal(self.positions, ref_positions)
+            bounds = {name: bounds[name] + ref_bounds[name] for name in bounds}
+            assert_kept_ties_within_bounds(selection.kept, ref_kept, values, ref_values, bounds, config.policy,
+                                           config.per_head)
+            selection = selection._replace(kept=ref_kept)
+        self.cut = (self.positions, selection.kept, values, bounds)
+        self.keep(selection, record)
+
+
+class _TwinLoop(ref.EvictionLoop):
+    layer_type = _TwinLayer
+
+    def __init__(self, attention_fn, twin, **kwargs):
+        super().__init__(**kwargs)
+        self.attention_fn, self.twin = _Bounded(attention_fn), twin
+
+    def step(self, q, k, v, valid=None):
+        return self.forward_layer(0, q, k, v, valid=valid, attention_fn=self.attention_fn)
+
+
+@pytest.mark.parametrize("evict_every", [1, 3])
+@pytest.mark.parametrize("d,dtype,block", DECODE_KEPT_CASES)
+@pytest.mark.parametrize("policy", [name for name in ref.POLICIES if name != "none"])   # all that evict
+def test_kept_indices_decode_steps(policy, d, dtype, block, evict_every):
+    """The eviction loop (cab_reference.EvictionLoop, one layer) on both sides: a prompt of block + 2 tokens
+    cut to block - 2, then decode steps over block - 1 keys (cutting every step) or block - 1, block,
+    block + 1 (every third); at each cut the same kept tokens, ties within bounds."""
+    n, steps = block + 2, 7 if GPU else 4
+    q, k, v, key_mask, question, _ = _inputs(d, dtype, n, steps)
+    config = _config(policy, budget=block - 2)
+    loop_r = _TwinLoop(ref.attention, None, config=config, question_span=question, evict_every=evict_every)
+    loop_f = _TwinLoop(cab_fast.attention, loop_r, config=config, question_span=question, evict_every=evict_every)
+    for loop in (loop_r, loop_f):
+        loop.step(q[:, :, :n], k[:, :, :n], v[:, :, :n], valid=key_mask)
+    for t in range(n, n + steps):
+        for loop in (loop_r, loop_f):
+            loop.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1])
+    assert torch.equal(loop_f.layers[0].positions, loop_r.layers[0].positions)
+
+
+def test_ties_only_within_both_sides_bounds():
+    """A swap passes only where both sides' own values for the two keys lie within their bounds' sum."""
+    fast = {"scores": torch.tensor([[[5.0, 3.0, 2.9, 1.0]]])}
+    slow = {"scores": torch.tensor([[[5.0, 2.95, 3.0, 1.0]]])}
+    h2o, a, b = ref.make_policy("h2o"), torch.tensor([[[0, 1]]]), torch.tensor([[[0, 2]]])
+    assert_kept_ties_within_bounds(a, b, fast, slow, {"scores": torch.full((1, 1, 4), 0.05)}, h2o, True)
+    with pytest.raises(AssertionError, match="no tie"):             # 3.0 - 2.9 = 0.1 > 0.04 + 0.04
+        assert_kept_ties_within_bounds(a, b, fast, slow, {"scores": torch.full((1, 1, 4), 0.04)}, h2o, True)
+    with pytest.raises(AssertionError, match="no tie"):             # 3.0 against 1.0
+        assert_kept_ties_within_bounds(a, torch.tensor([[[0, 3]]]), fast, slow,
+                                       {"scores": torch.full((1, 1, 4), 0.05)}, h2o, True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -363,8 +520,8 @@ def test_bitwise_deterministic(route):
     assert torch.equal(a[0], b_[0]) and torch.equal(a[1], b_[1])
     if GPU and route == "prefill":   # the vendor-forward route too
         q1, k1, v1 = peaked_qkv(1, 4, 4, n, n, 128, torch.bfloat16, seed=6)
-        a = cab_fast._attention(q1, k1, v1, route="cudnn")
-        b_ = cab_fast._attention(q1, k1, v1, route="cudnn")
+        a = _cudnn(cab_fast._attention, q1, k1, v1, route="cudnn")
+        b_ = _cudnn(cab_fast._attention, q1, k1, v1, route="cudnn")
         assert torch.equal(a[0], b_[0]) and torch.equal(a[1], b_[1])
 
 
@@ -377,18 +534,20 @@ def test_cudnn_route_lse_convention(n, hkv):
     q, k, v = peaked_qkv(2, 4, hkv, n, n, 128, torch.bfloat16, seed=n)
     scale = 1.0 / math.sqrt(128)
     for causal in (True, False):
-        _, lse_c = cab_fast._fwd_cudnn(q, k, v, scale, causal)
+        _, lse_c = _cudnn(cab_fast._fwd_cudnn, q, k, v, scale, causal)
         _, lse_t = cab_fast._fwd_triton(q, k, v, None, scale * cab_fast._LOG2E.value, causal)
         print(f"lse |cudnn - triton| max {(lse_c - lse_t).abs().max().item():.2e}")
         assert (lse_c - lse_t).abs().max().item() < 1e-3
-        _check(q, k, v, causal=causal, route="cudnn", label=f"cudnn n={n} causal={causal}")
+        _cudnn(_check, q, k, v, causal=causal, route="cudnn", label=f"cudnn n={n} causal={causal}")
 
 
 def test_tile_table_fits():
-    """Every tile in the table is one the kernels can run (the fit rule the candidates obey)."""
+    """Every tile in the table is one the kernels can run on its GPU (the fit rule the candidates obey; the
+    table lists sm90 GPUs only)."""
     for entries in cab_fast._TILES.values():
         for (kind, block_d, dtype_class), tile in entries.items():
-            assert cab_fast._fits(kind, tile, block_d, dtype_class == "fp32"), (kind, block_d, dtype_class, tile)
+            assert cab_fast._fits(kind, tile, block_d, dtype_class == "fp32", cab_fast._SHARED_OPTIN[(9, 0)]), (
+                kind, block_d, dtype_class, tile)
 
 
 def test_tile_lookup_order(monkeypatch):
@@ -398,11 +557,94 @@ def test_tile_lookup_order(monkeypatch):
                                                       ("score", 128, "half"): (64, 128, 4, 3)},
                                              "GPU X": {("decode", 128, "half"): (64, 4, 4, 1)}})
     lookup = functools.partial(cab_fast._table_tile, block_d=128, dtype=torch.bfloat16)
-    assert lookup("decode", ((9, 0), "GPU X")) == (64, 4, 4, 1)
-    assert lookup("score", ((9, 0), "GPU X")) == (64, 128, 4, 3)
-    assert lookup("decode", ((9, 0), "GPU Y")) == (64, 4, 3, 1)
-    assert lookup("decode", ((8, 0), "GPU X")) == (64, 4, 4, 1)
-    assert lookup("fwd", ((8, 0), "GPU Z")) == cab_fast._default_tile("fwd", 128, False)
+    assert lookup("decode", ((9, 0), "GPU X", 227 << 10)) == (64, 4, 4, 1)
+    assert lookup("score", ((9, 0), "GPU X", 227 << 10)) == (64, 128, 4, 3)
+    assert lookup("decode", ((9, 0), "GPU Y", 227 << 10)) == (64, 4, 3, 1)
+    assert lookup("decode", ((8, 0), "GPU X", 163 << 10)) == (64, 4, 4, 1)
+    assert lookup("fwd", ((8, 0), "GPU Z", 163 << 10)) == cab_fast._default_tile("fwd", 128, False, 163 << 10)
+
+
+def test_default_tiles_follow_shared_memory(monkeypatch):
+    """Where the table lists no tile, the GPU's shared memory per block decides: the first candidate within
+    it by _shared_bytes (the compiled sizes: test_chosen_tiles_compile_within_limits), so a 99 KB GPU (sm86,
+    sm89) gets smaller tiles than an H100 (227 KB) and fp32 at D=256 still finds one."""
+    monkeypatch.setattr(cab_fast, "_INTERPRET", False)              # the GPU's rule, not the interpreter's tile
+    for kind, block_d, fp32, shared in itertools.product(("fwd", "score", "decode"), (64, 128, 256), (False, True),
+                                                         ARCH_SHARED.values()):
+        tile = cab_fast._default_tile(kind, block_d, fp32, shared)
+        assert cab_fast._shared_bytes(kind, tile, block_d, fp32) <= shared, (kind, block_d, fp32, shared, tile)
+    assert cab_fast._default_tile("fwd", 128, False, 99 << 10) != cab_fast._default_tile("fwd", 128, False, 227 << 10)
+
+
+def test_decode_tile_fits_its_rows(monkeypatch):
+    """Decode tiles are chosen at 16 rows; at 64 (G * Nq) the query and logit blocks grow: on an H100, 128
+    keys x 64 rows x 3 stages at D=128 asks for 240 KB of its 227 KB, and triton refuses the launch. The tile
+    takes fewer keys, then stages, until it fits; where none fits, "auto" takes the prefill kernels and the
+    decode route says why."""
+    h100 = ARCH_SHARED[(9, 0)]
+    assert cab_fast._decode_fit((128, 4, 3, 2), 16, 128, False, h100) == (128, 4, 3, 2)
+    assert cab_fast._decode_fit((128, 4, 2, 2), 64, 128, False, h100) == (128, 4, 2, 2)
+    assert cab_fast._decode_fit((128, 4, 3, 2), 64, 128, False, h100) == (64, 4, 3, 2)
+    assert cab_fast._decode_fit((16, 4, 1, 2), 64, 256, True, 99 << 10) is None
+    small = {-1: (((0, 0), "interpreter", 99 << 10), 4)}            # the interpreter, pretending a 99 KB GPU
+    monkeypatch.setattr(cab_fast, "_DEVICES", small if not GPU else {})
+    monkeypatch.setattr(cab_fast, "_PLANS", {})
+    if GPU:
+        monkeypatch.setattr(cab_fast, "_device", lambda q: (((8, 6), "pretended", 99 << 10), 84))
+    q, k, v = peaked_qkv(1, 8, 1, 8, 20, 256, torch.float32, seed=8)   # 64 rows of fp32 at D=256
+    _check(q, k, v, label="fp32 D=256, 64 rows, 99 KB: auto takes the prefill kernels")
+    with pytest.raises(ValueError, match="shared memory"):
+        cab_fast._attention(q, k, v, route="decode")
+
+
+@pytest.mark.skipif(not GPU, reason="a tile's shared memory and machine code are the GPU's")
+@pytest.mark.parametrize("tile", [(128, 4, 2, 2), (128, 4, 3, 2)])
+@pytest.mark.parametrize("nk", [200, 5000])
+def test_decode_128_keys_64_rows(tile, nk):
+    """128 keys x 64 rows (bf16, D=128, G=4 x 16 queries), one split (200 keys) and many (5000): with 2
+    stages the tile fits an H100 (176 KB) and runs as asked; with 3 it would ask for 240 KB and runs at the
+    tile _decode_fit gives (64 keys)."""
+    q, k, v = peaked_qkv(1, 8, 2, 16, nk, 128, torch.bfloat16, seed=nk)
+    fitted = cab_fast._decode_fit(tile, 64, 128, False, cab_fast._device(q)[0][2])
+    _check(q, k, v, decode_tile=tile, label=f"decode tile {tile} at 64 rows runs as {fitted}")
+
+
+# Shared memory one block may opt into, bytes (CUDA C++ Programming Guide), for each architecture compiled for
+ARCH_SHARED = {(8, 0): 166912, (8, 6): 101376, (8, 9): 101376, (9, 0): 232448}
+REGISTERS_PER_BLOCK = 65536
+# What is compiled, (architecture, head dim, dtype, with every decode candidate at 64 rows): on a GPU each
+# architecture at D = 64, 128, 256 in bf16 and fp32; on the CPU (CI) the smallest shared memory (sm86) at the
+# model's D=128 bf16 and at fp32 D=256 (where only the last candidates fit), and sm90 with the candidates
+COMPILE_JOBS = ([(arch, d, dtype, arch == (9, 0) and d == 128 and dtype == "bfloat16") for arch in ARCH_SHARED
+                 for d in (64, 128, 256) for dtype in ("bfloat16", "float32")] if GPU
+                else [((8, 6), 128, "bfloat16", False), ((8, 6), 256, "float32", False),
+                      ((9, 0), 128, "bfloat16", True)])
+
+
+def _compiled(job):
+    """Compile one job's kernels in a process of its own (the kernels must be triton's compilable functions,
+    not the interpreter's) and return their resources."""
+    arch, d, dtype, candidates = job
+    code = (f"import json, testkit; print(json.dumps(testkit.chosen_tile_resources({arch}, {ARCH_SHARED[arch]}, "
+            f"[({d}, {dtype!r})], candidates={candidates})))")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
+                         capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+def test_chosen_tiles_compile_within_limits():
+    """Any CUDA machine: every kernel at the tile cab_fast would choose on sm80, sm86, sm89 and sm90 (and on
+    sm90 every decode candidate at 64 rows, as autotuning may pick) compiles within that architecture's shared
+    memory per block and 64K registers per block. Triton compiles for a target without its GPU (ptxas comes
+    with triton), so this runs on the CPU too, a subset there (COMPILE_JOBS)."""
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+        for (arch, *_), resources in zip(COMPILE_JOBS, pool.map(_compiled, COMPILE_JOBS)):
+            for r in resources:
+                print(f"sm{arch[0]}{arch[1]} {r}")
+                assert r["shared"] <= ARCH_SHARED[arch], (arch, r)
+                assert r["registers"] * r["threads"] <= REGISTERS_PER_BLOCK, (arch, r)
 
 
 @pytest.mark.skipif(not GPU, reason="autotuning times kernels on a GPU")

@@ -8,7 +8,10 @@
   policies     policy_cases (every policy in POLICY_TYPES, CAB-like ones in every bridge mode),
                random_context (the evidence a policy ranks by), protected / promised (what a policy
                promises to keep: the keep-promise arithmetic, once per policy)
-  near ties    assert_same_kept: kept sets equal up to swaps between near-tied tokens
+  near ties    assert_same_kept: kept sets equal up to swaps between near-tied tokens (one tolerance);
+               assert_kept_ties_within_bounds: up to swaps whose two sides' values are within per-key bounds
+  other GPUs   compiled_resources, chosen_tile_resources: cab_fast's kernels compiled for an architecture
+               that need not be present, with their shared memory and registers
   bad inputs   bad_attention_calls: the one table of malformed attention calls
   huge         spot_check_rows: float64 spot checks for tensors too big for the oracle (> 2^31 elements)
 """
@@ -16,6 +19,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 
 import pytest
@@ -342,6 +346,69 @@ def assert_same_kept(kept_a, kept_b, scores_truth, scores_tol, policy, per_head,
                 f"scores {float(s[b, h, x]):.6g} vs {[float(s[b, h, y]) for y in only_b]}")
 
 
+def bounded_proxies(values, bounds, policy, per_head):
+    """[(quantity [B, H, N], its per-key error bound)] that `policy` ranks by, from one side's own values
+    {name: [B, Hkv, N]}: "scores" and the evidence it computed with its own attention, each with its bound in
+    `bounds`, and the evidence both sides share (no bound). Heads are summed when per_head=False (bounds
+    add); SnapKV max-pools (|max a - max a'| <= max |a - a'|: pooled bounds); QuestionAware mixes the
+    scores over their row maximum with the question similarity (bound to first order)."""
+    def merged(t):
+        t = t.double()
+        return t if per_head else t.sum(1, keepdim=True)
+
+    out = [(merged(values[name]), merged(bound)) for name, bound in bounds.items()]
+    if isinstance(policy, R.SnapKV):
+        def pooled(t):
+            return F.max_pool1d(t, policy.pool, stride=1, padding=policy.pool // 2)
+        out += [(pooled(v), pooled(b)) for v, b in list(out)]
+    if isinstance(policy, R.QuestionAware):
+        s, b = out[0]
+        top, at = s.max(-1, keepdim=True)
+        top = top.clamp_min(1e-30)
+        sim = values["question_similarity"].double()
+        sim = sim if per_head else sim.mean(1, keepdim=True)
+        out.append((s / top + policy.alpha * sim, (b + s / top * b.gather(-1, at)) / top))
+    return out
+
+
+def assert_kept_ties_within_bounds(kept_a, kept_b, values_a, values_b, bounds, policy, per_head, max_swaps=2):
+    """Kept index sets [B, Hkv, K] equal, except swaps of x (kept by a only) for y (kept by b only) where
+    both sides' own ranking quantities (bounded_proxies of values_a, values_b) for x and y differ by at most
+    bound[x] + bound[y]: within error, either order is right. bounds: per key, what the two sides' values
+    may differ by (each side's error bound, added). CAB-like policies also take "bridge" tokens closest to
+    the median of the rest: there x and y tie if some key o (the median) is as far from both within
+    bound[x] + bound[y] + 2 bound[o]. At most max_swaps per (batch row, head)."""
+    if torch.equal(kept_a, kept_b):
+        return
+    sides = [bounded_proxies(values, bounds, policy, per_head) for values in (values_a, values_b)]
+    rows_a, rows_b = kept_a.reshape(-1, kept_a.shape[-1]), kept_b.reshape(-1, kept_b.shape[-1])
+    heads = sides[0][0][0].shape[1]
+    for r, (ra, rb) in enumerate(zip(rows_a.tolist(), rows_b.tolist())):
+        only_a, only_b = sorted(set(ra) - set(rb)), sorted(set(rb) - set(ra))
+        if not only_a:
+            continue
+        b, h = divmod(r, kept_a.shape[1])
+        h = h if heads > 1 else 0
+        assert len(only_a) <= max_swaps, f"row {r}: {len(only_a)} swaps {only_a} vs {only_b}"
+
+        def tied(x, y):
+            for i, (_, bound) in enumerate(sides[0]):
+                e, own = bound[b, h], [side[i][0][b, h] for side in sides]
+                if all(abs(float(v[x] - v[y])) <= float(e[x] + e[y]) for v in own):
+                    return True
+            if isinstance(policy, R.CAB):
+                e = sides[0][0][1][b, h]
+                return all(bool((((v[x] - v).abs() - (v[y] - v).abs()).abs() <= e[x] + e[y] + 2 * e).any())
+                           for v in (side[0][0][b, h] for side in sides))
+            return False
+
+        for x in only_a:
+            assert any(tied(x, y) for y in only_b), (
+                f"row {r}: token {x} kept by one side only, no tie within bounds among {only_b}; scores "
+                f"{[(float(side[0][0][b, h, x]), [float(side[0][0][b, h, y]) for y in only_b]) for side in sides]}, "
+                f"bounds {float(sides[0][0][1][b, h, x]):.3g} vs {[float(sides[0][0][1][b, h, y]) for y in only_b]}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Bad inputs
 
@@ -398,3 +465,116 @@ def spot_check_rows(q, k, v, out, scores, rows, key_cols, scale, group, causal=T
         got = float(scores[b, kv, j])
         assert abs(got - total) <= 1e-3 * total + 1e-5, f"score of key {(b, kv, j)}: {got} vs {total}"
 
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compiling for GPUs that are not here
+
+_POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.uint8: "*u8"}
+
+
+def _ast_source(launch, tensors):
+    """What triton's launcher would compile for this launch: each argument typed and specialised as at a
+    launch (pointers on 16 bytes, ints == 1 as constants, ints divisible by 16 marked so), constexprs bound."""
+    from triton.compiler import ASTSource
+
+    kernel = launch.kernel
+    values = (*launch.slots(tensors), *launch.scalars)
+    signature, constexprs, attrs = {}, dict(launch.constexprs), {}
+    for i, (param, value) in enumerate(zip(kernel.params, values)):
+        name = param.name
+        if isinstance(value, torch.Tensor):
+            signature[name] = _POINTER_TYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1 and not param.do_not_specialize:
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i64" if abs(value) > 0x7FFFFFFF else "i32"
+            if value % 16 == 0 and not param.do_not_specialize:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    signature.update({name: "constexpr" for name in launch.constexprs})
+    return ASTSource(kernel, signature, constexprs, attrs)
+
+
+def _registers(cubin):
+    """(registers per thread, local memory bytes per thread: spills) of a cubin, by triton's cuobjdump."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+    return int(re.search(r"REG:(\d+)", usage)[1]), int(re.search(r"LOCAL:(\d+)", usage)[1])
+
+
+def compiled_resources(launch, tensors, capability):
+    """{shared, registers, spills, threads} of launch compiled for a GPU of this (major, minor) capability,
+    which need not be present: triton compiles for a target and ptxas assembles it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    target = GPUTarget("cuda", 10 * capability[0] + capability[1], 32)
+    compiled = triton.compile(_ast_source(launch, tensors), target=target,
+                              options=dict(num_warps=launch.warps, num_stages=launch.stages))
+    registers, spills = _registers(compiled.asm["cubin"])
+    return dict(shared=compiled.metadata.shared, registers=registers, spills=spills, threads=32 * launch.warps)
+
+
+def chosen_tile_resources(capability, shared, cases, candidates=False):
+    """compiled_resources of every kernel launch cab_fast makes, at the tiles it chooses on a GPU of this
+    capability and shared memory per block, for cases [(head dim, dtype name)]: the forward; the score pass
+    by pointer loads and, where it would, by TMA; the decode kernels with 16 and 64 rows, one split and many.
+    candidates: also the decode kernel at 64 rows from every candidate tile (autotuning's choice), for the
+    first case. Run without TRITON_INTERPRET (the kernels must be triton's compilable functions)."""
+    import cab_fast
+
+    cab_fast._DEVICES[-1] = ((capability, "pretended", shared), 132)     # meta tensors ask for device -1
+    out = []
+    for i, (d, dtype_name) in enumerate(cases):
+        dtype = getattr(torch, dtype_name)
+        launches = _kernel_launches(cab_fast, d, dtype, cab_fast.tiles("meta", d, dtype))
+        if candidates and i == 0:
+            launches = itertools.chain(launches, *(_decode_launches(cab_fast, d, dtype, tile, rows=64, nk=200)
+                                                   for tile in cab_fast._CANDIDATES["decode"]))
+        for label, launch, tensors in launches:
+            out.append(dict(kernel=label, head_dim=d, dtype=dtype_name, block_n=launch.constexprs.get("BLOCK_N"),
+                            warps=launch.warps, stages=launch.stages,
+                            **compiled_resources(launch, tensors, capability)))
+    return out
+
+
+def _call_tensors(d, dtype, hq, hkv, nq, nk):
+    """A call's tensors (q, k, v, key mask, out, lse, scores, workspace) on the meta device."""
+    def t(*shape, dt=dtype):
+        return torch.empty(*shape, dtype=dt, device="meta")
+    return (t(1, hq, nq, d), t(1, hkv, nk, d), t(1, hkv, nk, d), t(1, nk, dt=torch.uint8), t(1, hq, nq, d),
+            t(1, hq, nq, dt=torch.float32), t(1, hkv, nk, dt=torch.float32), t(16, dt=torch.float32))
+
+
+def _decode_launches(cab_fast, d, dtype, tile, rows, nk):
+    """The decode launches of one KV head with `rows` query heads, where the decode kernels take them."""
+    tensors = _call_tensors(d, dtype, rows, 1, 1, nk)
+    q, k, v, km = tensors[:4]
+    if cab_fast._decode_fits(q, k):
+        for launch in cab_fast._decode_launches(q, k, v, km, 0.1, True, tile)[0]:
+            yield f"{launch.kernel.__name__} {rows} rows {tile}", launch, tensors
+
+
+def _kernel_launches(cab_fast, d, dtype, tiles):
+    """(label, launch, the call's tensors) of each kernel family at tiles, on meta tensors with a key mask."""
+    for n in (4096, 1024):                  # 4096^2: long enough for the score pass's TMA loads, where it has them
+        tensors = _call_tensors(d, dtype, 8, 8, n, n)
+        q, k, v, km = tensors[:4]
+        if n == 4096:
+            yield "fwd", cab_fast._fwd_launch(q, k, v, km, 0.1, True, tiles["fwd"]), tensors
+        score = cab_fast._score_launch(q, k, km, 0.1, True, tiles["score"], 1)
+        if n == 1024 or score.constexprs["Q_TMA"]:
+            yield "score" + " (TMA)" * score.constexprs["Q_TMA"], score, tensors
+    for rows, nk in ((16, 65536), (64, 200), (64, 65536)):
+        yield from _decode_launches(cab_fast, d, dtype, tiles["decode"], rows, nk)
