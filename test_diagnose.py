@@ -6,6 +6,7 @@ question after the cut), the suite generator, and match_span's evidence sharing 
 import dataclasses
 import io
 import json
+import math
 import os
 import re
 import signal
@@ -621,3 +622,58 @@ def test_match_span_shares_the_first_layers_evidence(tiny):
     own = ref.question_match(engine.layers[1][3], question_mask)
     both = engine.replay(EvictionConfig(policy=MatchSpan(layers=2)))
     assert torch.allclose(both.layers[1].prompt_record["evidence"]["question_match"], (first + own) / 2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The answer's likelihood: answer_nll and context_benefit_kept
+
+
+def full_forward_nll(model, tokenizer, ids, answer):
+    ids, first = diagnose.answer_continuation(tokenizer, ids, answer)
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[0]
+    return diagnose.answer_nll(logits, ids[0], first)
+
+
+@pytest.mark.parametrize("after_cut", [False, True])
+def test_answer_nll_through_the_dense_cache_equals_one_full_forward(tiny, after_cut):
+    model, tokenizer = tiny
+    item = ITEMS[1]
+    prompt = prompt_of(tokenizer, item, after_cut)
+    engine = diagnose.Engine(model, tokenizer)
+    engine.prefill(prompt)
+    cached = engine.answer_nll(EvictionConfig(policy="none"), item["answer"])
+    assert cached == pytest.approx(full_forward_nll(model, tokenizer, prompt.ids, item["answer"]), abs=1e-4)
+    evicted = engine.answer_nll(EvictionConfig(policy="h2o", sparsity=0.9), item["answer"])
+    assert abs(evicted - cached) > 1e-3                # the answer is read through the evicted cache
+
+
+def test_no_context_nll_is_the_question_alone(tiny):
+    model, tokenizer = tiny
+    item = ITEMS[1]
+    engine = diagnose.Engine(model, tokenizer)
+    alone = diagnose.chat_ids(tokenizer, f"Question: {item['question']}\n{diagnose.INSTRUCTION}")
+    assert engine.no_context_nll(item["question"], item["answer"]) == pytest.approx(
+        full_forward_nll(model, tokenizer, alone, item["answer"]), abs=1e-5)
+
+
+def test_context_benefit_kept_is_the_share_of_the_contexts_help():
+    assert diagnose.context_benefit(5.0, 2.0, 2.0) == 1.0          # as dense
+    assert diagnose.context_benefit(5.0, 2.0, 5.0) == 0.0          # as if there were no context
+    assert diagnose.context_benefit(5.0, 2.0, 3.5) == 0.5
+    assert diagnose.context_benefit(5.0, 2.0, 6.5) == -0.5         # worse than no context
+    assert math.isnan(diagnose.context_benefit(5.0, 4.5, 4.5))     # the context helps less than MIN_BENEFIT
+
+
+def test_suite_rows_and_summary_carry_the_likelihoods(tiny, tmp_path):
+    path = write_suite(tmp_path / "suite.jsonl")
+    out, _ = run_main(["--suite", path, "--sparsity", "0.9", "--policy", "h2o", "--json", "--max-new-tokens", "1"],
+                      tiny)
+    records = [strict_json(line) for line in out.splitlines() if line.strip()]
+    rows, summary = records[:-1], records[-1]["summary"]
+    for row in rows:
+        expected = diagnose.context_benefit(row["no_context_nll"], row["dense_nll"], row["answer_nll"])
+        assert row["context_benefit_kept"] == (None if math.isnan(expected) else pytest.approx(expected))
+    for cell in summary:
+        cell_rows = [r for r in rows if r["setting"] == cell["setting"]]
+        assert cell["benefit_items"] == sum(r["context_benefit_kept"] is not None for r in cell_rows)
