@@ -153,17 +153,20 @@ _TILES = {
 }
 
 _CANDIDATES = {
-    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)],
+    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2),
+            (16, 16, 4, 1)],
     "score": [(64, 128, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2),
-              (32, 32, 4, 2)],
+              (32, 32, 4, 2), (16, 16, 4, 1)],
     "decode": [(64, 4, 3, 2), (64, 4, 3, 4), (128, 4, 3, 2), (128, 4, 3, 4), (64, 4, 4, 8), (32, 4, 3, 4),
-               (32, 4, 2, 2)],
+               (32, 4, 2, 2), (16, 4, 1, 2)],
 }
 
 
-def _fits(kind, tile, block_d, fp32):
+def _fits(kind, tile, block_d, fp32, shared):
     """Tiles that fit one SM: at head dim 256, 64 x 64 at most for half inputs (registers); fp32 tiles
-    at most 64 x 64 with 2 stages (shared memory: fp32 64 x 64 x 3 stages at D=256 asked for 344 KB)."""
+    at most 64 x 64 with 2 stages; and within the GPU's shared memory per block (_shared_bytes)."""
+    if _shared_bytes(kind, tile, block_d, fp32) > shared:
+        return False
     if kind == "decode":
         return tile[0] <= (32 if fp32 and block_d > 128 else 128)
     area, stages = tile[0] * tile[1], tile[3]
@@ -172,14 +175,35 @@ def _fits(kind, tile, block_d, fp32):
     return block_d <= 128 or area <= 64 * 64
 
 
-def _default_tile(kind, block_d, fp32):
-    """Any GPU or head dim the table does not list: the first candidate that fits."""
+def _shared_bytes(kind, tile, block_d, fp32, rows=16):
+    """A bound on the shared memory a kernel asks for at tile: each pipeline stage holds K and V blocks (the
+    score pass: a query block), the query block stays resident, and the score pass's and decode's logit
+    blocks too. Elements as the dots take them: 2 bytes, 8 for fp32 inputs (float64 dots). Decode tiles are
+    chosen at 16 rows (_decode_fit: more). Equal to what triton 3.9 allocates for sm90's forward and 64-row
+    decode, above it elsewhere; test_equivalence.py compiles every chosen tile for sm80-sm90 and checks."""
+    size = 8 if fp32 else 2
+    if kind == "decode":
+        block_n, _, stages, _ = tile
+        return stages * 2 * block_n * block_d * size + rows * (block_d * size + block_n * 4)
+    block_m, block_n, _, stages = tile
+    if kind == "fwd":
+        return stages * 2 * block_n * block_d * size + block_m * block_d * size
+    return stages * block_m * block_d * size + block_n * block_d * size + block_m * block_n * 4
+
+
+def _default_tile(kind, block_d, fp32, shared):
+    """Any GPU or head dim the table does not list: the first candidate that fits, else the smallest (a
+    decode tile shrinks further at launch, _decode_fit)."""
     if _INTERPRET:
         return (16, 4, 1, 2) if kind == "decode" else (16, 16, 4, 1)
-    return next(t for t in _CANDIDATES[kind] if _fits(kind, t, block_d, fp32))
+    fitting = [t for t in _CANDIDATES[kind] if _fits(kind, t, block_d, fp32, shared)]
+    return fitting[0] if fitting else _CANDIDATES[kind][-1]
 
 
-_DEVICES = {}                 # device index -> ((compute capability, name), SM count)
+# Shared memory one block may opt into, by compute capability (CUDA C++ Programming Guide), where torch does
+# not report the device's own (shared_memory_per_block_optin); any other GPU: the smallest, 99 KB.
+_SHARED_OPTIN = {(8, 0): 163 << 10, (8, 6): 99 << 10, (8, 7): 163 << 10, (8, 9): 99 << 10, (9, 0): 227 << 10}
+_DEVICES = {}                 # device index -> ((compute capability, name, shared memory per block), SM count)
 _TUNED = {}                   # CAB_AUTOTUNE=1: (kernel, GPU, BLOCK_D, dtype class, shape class) -> tile
 
 
@@ -188,10 +212,11 @@ def _device(q):
     info = _DEVICES.get(idx)
     if info is None:
         if idx < 0:                                                 # the interpreter on CPU
-            info = (((0, 0), "interpreter"), 4)
+            info = (((0, 0), "interpreter", 1 << 30), 4)
         else:
             p = torch.cuda.get_device_properties(idx)
-            info = (((p.major, p.minor), p.name), p.multi_processor_count)
+            shared = getattr(p, "shared_memory_per_block_optin", 0) or _SHARED_OPTIN.get((p.major, p.minor), 99 << 10)
+            info = (((p.major, p.minor), p.name, shared), p.multi_processor_count)
         _DEVICES[idx] = info
     return info
 
@@ -215,14 +240,14 @@ def _block_d(d):
 
 
 def _table_tile(kind, gpu, block_d, dtype):
-    """The tile for gpu = (compute capability, name): the GPU's own entry, else its architecture's (GPUs of
-    one architecture can differ in memory bandwidth, which moves the decode kernel's best tile), else
-    _default_tile."""
+    """The tile for gpu = (compute capability, name, shared memory per block): the GPU's own entry, else its
+    architecture's (GPUs of one architecture can differ in memory bandwidth, which moves the decode kernel's
+    best tile), else _default_tile."""
     key = (kind, block_d, _dtype_class(dtype))
     for entry in (_TILES.get(gpu[1], {}), _TILES.get(gpu[0], {})):
         if key in entry:
             return entry[key]
-    return _default_tile(kind, block_d, dtype == torch.float32)
+    return _default_tile(kind, block_d, dtype == torch.float32, gpu[2])
 
 
 def tiles(device, head_dim, dtype):
@@ -255,8 +280,8 @@ def _tile(kind, q, block_d, shape_class, launch):
     tile = _TUNED.get(key)
     if tile is None:
         fp32 = q.dtype == torch.float32
-        tile = min((t for t in _CANDIDATES[kind] if _fits(kind, t, block_d, fp32)),
-                   key=lambda t: _time_ms(lambda: launch(t)))
+        fitting = [t for t in _CANDIDATES[kind] if _fits(kind, t, block_d, fp32, gpu[2])]
+        tile = min(fitting or [_default_tile(kind, block_d, fp32, gpu[2])], key=lambda t: _time_ms(lambda: launch(t)))
         _TUNED[key] = tile
     return tile
 
@@ -1024,6 +1049,26 @@ def _decode_block_r(q, k):
     return max(16, _next_pow2(q.shape[1] // k.shape[1] * q.shape[2]))
 
 
+def _decode_fit(tile, rows, block_d, fp32, shared):
+    """The decode tile for a block of `rows` rows, or None where none fits: tiles are chosen at 16 rows, and
+    more rows hold larger query and logit blocks (on an H100, 128 keys x 64 rows x 3 stages at D=128 asks for
+    240 KB of its 227, and triton refuses the launch): fewer keys per block, then fewer stages, until it fits."""
+    block_n, warps, stages, per_sm = tile
+    while block_n > 16 and _shared_bytes("decode", (block_n, warps, stages, per_sm), block_d, fp32, rows) > shared:
+        block_n //= 2
+    while stages > 1 and _shared_bytes("decode", (block_n, warps, stages, per_sm), block_d, fp32, rows) > shared:
+        stages -= 1
+    fits = _shared_bytes("decode", (block_n, warps, stages, per_sm), block_d, fp32, rows) <= shared
+    return (block_n, warps, stages, per_sm) if fits else None
+
+
+def _decode_fits(q, k):
+    """Whether the decode kernels fit this call on q's GPU (fp32 with 64 rows at D >= 128 does not on 99 KB
+    GPUs); where not, "auto" takes the prefill kernels."""
+    return _decode_fit((16, 4, 1, 1), _decode_block_r(q, k), _block_d(q.shape[-1]), q.dtype == torch.float32,
+                       _device(q)[0][2]) is not None
+
+
 def _decode_launches(q, k, v, key_mask, qk_scale, causal, tile):
     """Kernels 3 and 4 over (q, k, v, km, out, scores, work) of a decode call (one launch when one split
     covers the keys), and the float32 workspace they need."""
@@ -1034,9 +1079,11 @@ def _decode_launches(q, k, v, key_mask, qk_scale, causal, tile):
     block_r = _decode_block_r(q, k)
     block_d = _block_d(d)
     skmb, skmn, has_mask = _mask_args(key_mask)
-    block_n, warps, stages, per_sm = tile
-    if block_r > 16:        # tiles are measured at 16 rows; 128 keys x 64 rows gave wrong results on an H100
-        block_n = min(block_n, 64)
+    fit = _decode_fit(tile, block_r, block_d, q.dtype == torch.float32, _device(q)[0][2])
+    if fit is None:
+        raise ValueError(f"route 'decode': {rows} query rows per KV head at head dim {d} do not fit this GPU's shared "
+                         f"memory in any decode tile; the prefill route takes them")
+    block_n, warps, stages, per_sm = fit
     want = min(_MAX_SPLITS, max(1, per_sm * _device(q)[1] // (b * hkv)))     # programs to fill the GPU
     share = _cdiv(max(_cdiv(nk, want), _MIN_SPLIT), block_n) * block_n       # keys a program takes, +- a block
     splits = _cdiv(nk, share)
@@ -1122,7 +1169,7 @@ def _new_plan(q, k, v, key_mask, scale, causal, route):
     if nq == 0 or nk == 0 or b == 0:
         return lambda q, k, v, key_mask: (torch.zeros_like(q),
                                           torch.zeros(b, hkv, nk, dtype=torch.float32, device=q.device))
-    if route == "decode" or (route == "auto" and nq * (hq // hkv) <= DECODE_MAX_ROWS):
+    if route == "decode" or (route == "auto" and nq * (hq // hkv) <= DECODE_MAX_ROWS and _decode_fits(q, k)):
         return _decode_plan(q, k, v, key_mask, scale, causal)
     forward = {"auto": "auto", "prefill": "triton", "cudnn": "cudnn"}[route]
     return _prefill_plan(q, k, v, key_mask, scale, causal, forward)
@@ -1317,6 +1364,12 @@ class SlotBank:
         layer.bank = layer.slot = None
 
 
+def _capturing() -> bool:
+    """Whether a CUDA graph capture is under way on the current stream (False without CUDA, where torch's
+    own check raises)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class FastLayer(_ref.CabLayer):
     """The reference's cache layer until it is cut; then a view into the SlotBank (see above)."""
 
@@ -1383,12 +1436,18 @@ class FastLayer(_ref.CabLayer):
 
 class CabCache(_ref.CabCache):
     """cab_reference.CabCache with per-slot buffers: same arguments, same evictions, and a decode step that
-    copies nothing, syncs nothing and can be captured in a CUDA graph. Use attn_implementation="cab_fast".
+    copies nothing and syncs nothing. Use attn_implementation="cab_fast".
 
-    A decode step that fails cannot be undone (the buffers are written in place): the cache then refuses
-    to go on. Layers that differ in shape (or a model split over devices) keep the reference's layout.
-    Replaying a captured decode step advances the device state only: get_seq_length() lags, while the
-    cached tokens and kept_positions() are right.
+    CUDA graphs: with evict_every=1 a decode step can be captured, and every replay is a decode step with
+    its cut. With evict_every > 1 the cache refuses to be captured (RuntimeError at the capture): whether
+    a step cuts is counted on the host, so every replay would repeat the captured step's choice. Replaying a
+    captured step advances the device state only: get_seq_length() lags, while the cached tokens and
+    kept_positions() are right.
+
+    A forward that raises (an exception or an interrupt) is undone as in the reference (see its CabCache),
+    except a decode step on the slots: its buffers are written in place, so the cache refuses every later
+    use instead (RuntimeError: start a new cache). Layers that differ in shape (or a model split over
+    devices) keep the reference's layout.
 
     cut_graphs (the one argument the reference's CabCache lacks): on a CUDA device, cuts after the first
     replay a CUDA graph of the first (see SlotBank.cut_all); False runs every cut eagerly."""
@@ -1402,7 +1461,7 @@ class CabCache(_ref.CabCache):
         self.in_slots = False      # this forward runs on the bank
         self.slots_ok = True       # False once layers turned out to differ: the reference's layout for good
         self.broken = None         # why the cache refuses to go on
-        self.n_layers = None       # the model's layer count, from its config at the first forward
+        self.bank_before = None    # the bank when the forward began (a failed forward gets it back)
         self.held = []             # (layer, record): cuts waiting for the forward's last layer (hold)
 
     def layer(self, index):
@@ -1411,23 +1470,52 @@ class CabCache(_ref.CabCache):
         return layer
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if layer_idx == 0:
+            self.settle()
+            self.in_slots = key_states.shape[-2] == 1 and self.bank is not None and self.bank.complete
+            if self.in_slots:      # in place: no checkpoint (a failure refuses the cache)
+                self.refuse_capture()
+            else:
+                self.begin_forward()
+        try:
+            return self.layer(layer_idx).update(key_states, value_states)
+        except BaseException:
+            self.rollback()
+            raise
+
+    def refuse_capture(self):
+        """A step on the slots cuts when the cache is evict_every tokens over the budget, counted on the host
+        (SlotBank.end_step): a CUDA graph of the step would replay the captured step's choice every time.
+        With evict_every=1 every step cuts, so a replay is right."""
+        if self.evict_every > 1 and _capturing():
+            raise RuntimeError(f"evict_every: a decode step captured in a CUDA graph needs evict_every=1 (whether "
+                               f"a step cuts is counted on the host, and a replay repeats the captured step's "
+                               f"choice), got {self.evict_every}; decode eagerly or use evict_every=1")
+
+    def begin_forward(self):
+        """The reference's checkpoint, with the bank, which the forward then dissolves: several new tokens need
+        position order for their causal mask (rare)."""
+        super().begin_forward()
+        self.bank_before = self.bank
+        try:
+            self.dissolve()
+        except BaseException:
+            self.rollback()
+            raise
+
+    def settle(self):
+        """The reference's (undo a forward that stopped between two layers), then refuse if the cache is broken."""
+        super().settle()
         if self.broken:
             raise RuntimeError(f"CabCache: {self.broken}; start a new cache")
-        if layer_idx == 0:
-            if self.bank is not None and (key_states.shape[-2] != 1 or not self.bank.complete):
-                self.dissolve()    # several new tokens: position order for their causal mask (rare)
-            self.in_slots = self.bank is not None
-        if self.in_slots:
-            return self.layer(layer_idx).update(key_states, value_states)
-        return super().update(key_states, value_states, layer_idx)
 
     def rollback(self):
         if self.in_slots:
             self.broken = "a decode step failed after the cache's buffers were written"
             return
-        self.bank = None           # layers moved in during this forward get their old state back
         self.held = []
         super().rollback()
+        self.bank = self.bank_before   # the layers' views into it are back too (dissolving only read it)
 
     def hold(self, layer, record):
         """Take a layer's cut (on the reference's path: the prompt, multi-token calls) for later, when the
@@ -1498,6 +1586,7 @@ class CabCache(_ref.CabCache):
 
     def kept_positions(self):
         """Per layer, the original positions of the cached tokens, ascending: [B, Hkv, L] int64."""
+        self.settle()
         return [layer.positions if layer.bank is None
                 else layer.positions.sort(dim=-1).values[..., :layer.bank.live] for layer in self.layers]
 
@@ -1517,15 +1606,14 @@ def _cab_fast_forward(module, query, key, value, attention_mask, scaling=None, d
             raise ValueError(f"dropout: cab attention has no dropout, got {dropout} in training mode")
         try:
             return layer.attend(query, attention_mask, scaling).transpose(1, 2), None   # (B, 1, Hq, D)
-        except Exception:
+        except BaseException:      # an interrupt too
             cache.rollback()
             raise
     layer.padded = layer.padded or attention_mask is not None
-    cache.n_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
     out = _reference_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     try:
         cache.after_reference_forward(layer)
-    except Exception:
+    except BaseException:
         cache.rollback()
         raise
     return out

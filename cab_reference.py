@@ -1397,7 +1397,7 @@ class EvictionLoop:
             keys, values = layer.append(k, v, valid)
             out, scores = attention_fn(q, keys, values, scale=scale, causal=True, key_mask=layer.key_mask())
             layer.after_attention(q, scores, scale=scale, attention_fn=attention_fn)
-        except Exception:
+        except BaseException:      # an interrupt too: KeyboardInterrupt is no Exception
             self.rollback()
             raise
         return out
@@ -1508,7 +1508,14 @@ class CabCache(EvictionLoop, Cache):
     (`cache=` from transformers 5.24; `past_key_values=` before.) Arguments as EvictionLoop's:
     question_span=(start, end) for the question-based policies (see find_question_span), evict_every,
     record=True keeps each layer's prompt selection
-    (layer.prompt_record), head_group (found by itself under from_pretrained(..., tp_plan="auto"))."""
+    (layer.prompt_record), head_group (found by itself under from_pretrained(..., tp_plan="auto")).
+
+    A forward that raises (an exception or an interrupt) leaves the cache as it was before that forward:
+    raised in the cache's own calls (an update, an attention call), the step is undone at once; raised in
+    the model between two layers' updates, some layers hold the step's tokens and others not, which the
+    cache's next use (the next forward, get_seq_length, get_mask_sizes, kept_positions) finds and undoes.
+    What raises after the last layer's attention (the final norm, the LM head) comes after the cache's last
+    call: the cache holds the whole step then, as transformers' own caches do."""
 
     layer_type = CabLayer
 
@@ -1517,11 +1524,39 @@ class CabCache(EvictionLoop, Cache):
         Cache.__init__(self, layers=[])
         EvictionLoop.__init__(self, config, question_span=question_span, evict_every=evict_every, record=record,
                               head_group=head_group, token_ids=token_ids)
+        self.n_layers = None       # the model's layer count (its config's), from its first attention call
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if layer_idx == 0:
+            self.settle()
             self.begin_forward()
-        return self.layer(layer_idx).update(key_states, value_states)
+        try:
+            return self.layer(layer_idx).update(key_states, value_states)
+        except BaseException:
+            self.rollback()
+            raise
+
+    def half_written(self) -> bool:
+        """Whether the last forward stopped between two layers: the model's layers do not all hold its tokens."""
+        seen = {layer.seen for layer in self.layers}
+        return len(seen) > 1 or (bool(seen) and len(self.layers) < (self.n_layers or 0))
+
+    def settle(self):
+        """Undo a forward that stopped between two layers, before the cache is used again."""
+        if self.half_written():
+            self.rollback()
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        self.settle()
+        return super().get_seq_length(layer_idx)
+
+    def get_mask_sizes(self, query_length, layer_idx: int) -> tuple[int, int]:
+        self.settle()
+        return super().get_mask_sizes(query_length, layer_idx)
+
+    def kept_positions(self):
+        self.settle()
+        return super().kept_positions()
 
 
 def _as_bool_mask(attention_mask):
@@ -1585,6 +1620,8 @@ def make_attention_interface(attention_fn: AttentionFn, *, validate: bool = Fals
                 layer.valid[..., -nq:] = mask[:, 0, -1, -nq:][:, None, :]
             key_mask = layer.key_mask()
         try:
+            if layer is not None:
+                layer.loop.n_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
             if layer is not None and layer.budget is None:       # the prompt: whose heads are these?
                 layer.loop.head_group = find_head_group(module, query, key, layer.loop.head_group)
             if mask is not None and (layer is None or layer.budget is None):
@@ -1593,7 +1630,7 @@ def make_attention_interface(attention_fn: AttentionFn, *, validate: bool = Fals
                                        validate=validate)
             if layer is not None:
                 layer.after_attention(query, scores, scale=scaling, attention_fn=attention_fn)
-        except Exception:
+        except BaseException:      # an interrupt too
             if layer is not None:  # a bad input mid-generation: leave the cache as it was before this step
                 layer.loop.rollback()
             raise

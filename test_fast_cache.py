@@ -11,8 +11,10 @@ broken by the same rule, so with these inputs a different kept set means a bug, 
 step, layer and both sets.
 
 On a GPU, more properties of the decode step: it never waits for the device (sync debug mode "error"); it
-can be captured in a CUDA graph whose replays give the eager steps' results; cuts replayed from the cut's
-own CUDA graph equal eager ones; and a dropped cache's graph survives another cache's capture.
+can be captured in a CUDA graph whose replays give the eager steps' results (evict_every=1; with more, the
+capture raises and the cache goes on eagerly, also checked on the CPU with the capture check faked);
+cuts replayed from the cut's own CUDA graph equal eager ones; and a dropped cache's graph survives another
+cache's capture.
 """
 
 import gc
@@ -217,6 +219,66 @@ def test_decode_step_never_syncs(model, policy):
             token = forward(model, token, cache)[:, -1:].argmax(-1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("evict_every", [1, 2])
+def test_capture_is_refused_unless_every_step_cuts(model, monkeypatch, evict_every):
+    """Whether a step on the slots cuts is counted on the host, so a CUDA graph of one step replays that
+    step's choice: with evict_every > 1 a capture (cab_fast's check of it, faked here) is refused before the
+    step writes anything, and the cache then decodes on as one that was never asked; with evict_every=1
+    (every step cuts) the step runs."""
+    ids, mask = left_padded_prompts(batch=1)
+    config = ref.EvictionConfig(policy="h2o", sparsity=0.5)
+    asked, clean = (cab_fast.CabCache(config, evict_every=evict_every) for _ in range(2))
+    for cache in (asked, clean):
+        out, _ = generate(model, "cab_fast", ids, mask, cache, steps=2)
+    token = out[:, -1:]
+    with monkeypatch.context() as patch:
+        patch.setattr(cab_fast, "_capturing", lambda: True)
+        if evict_every > 1:
+            with pytest.raises(RuntimeError, match="evict_every: a decode step captured in a CUDA graph needs "
+                                                   "evict_every=1"):
+                forward(model, token, asked)
+        else:
+            forward(model, token, asked)
+            forward(model, token, clean)
+    for _ in range(evict_every + 1):                                       # through a cut
+        want = forward(model, token, clean)[:, -1:]
+        torch.testing.assert_close(forward(model, token, asked)[:, -1:], want, rtol=0, atol=0)
+        assert_kept_equal([asked.kept_positions()], [clean.kept_positions()])
+        token = want.argmax(-1)
+
+
+@pytest.mark.skipif(not GPU, reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("evict_every", [2, 5])
+def test_capture_with_evict_every_above_1_raises_and_leaves_the_cache_as_it_was(model, evict_every):
+    """The protocol of test_decode_step_replays_in_a_cuda_graph with evict_every > 1: the capture raises,
+    and the cache decodes on eagerly with the logits and kept positions of an identical cache."""
+    ids, mask = left_padded_prompts(batch=2)
+    caches = [cab_fast.CabCache(ref.EvictionConfig(policy="cab", sparsity=0.5), evict_every=evict_every)
+              for _ in range(2)]
+    for cache in caches:
+        out, _ = generate(model, "cab_fast", ids, mask, cache, steps=2)
+    eager, asked = caches
+    token = out[:, -1:].clone()
+    position = (ids.shape[1] + 1 - (mask == 0).sum(-1, keepdim=True)).clone()
+    with torch.no_grad():
+        side = torch.cuda.Stream()                       # warm-up on a side stream, as a capture needs
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            forward(model, token, asked, position_ids=position)
+        torch.cuda.current_stream().wait_stream(side)
+        token.copy_(forward(model, token, eager, position_ids=position)[:, -1:].argmax(-1))
+        position.add_(1)
+        with pytest.raises(RuntimeError, match="needs evict_every=1"), torch.cuda.graph(torch.cuda.CUDAGraph()):
+            forward(model, token, asked, position_ids=position)
+        for _ in range(evict_every + 1):
+            want = forward(model, token, eager, position_ids=position)
+            torch.testing.assert_close(forward(model, token, asked, position_ids=position), want, rtol=1e-5,
+                                       atol=1e-5)
+            assert_kept_equal([asked.kept_positions()], [eager.kept_positions()])
+            token.copy_(want[:, -1:].argmax(-1))
+            position.add_(1)
 
 
 @pytest.mark.skipif(not GPU, reason="CUDA graphs need a CUDA GPU")

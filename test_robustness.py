@@ -486,6 +486,137 @@ def test_model_generation_continues_after_a_failing_step():
     torch.testing.assert_close(torch.stack(logits), torch.stack(clean_logits), rtol=0, atol=0)
 
 
+# A step that fails: a 3-layer model, the failure injected into the middle layer (or the last, or the model
+# between layers 0 and 1) as the layer's own code finishes, so that earlier layers, and for "update" the
+# failing layer itself, already hold the step's token. PROMPT tokens, then decode steps of one token each.
+PROMPT, FAIL_LAYER = 12, 1
+DEVICE = "cuda" if GPU else "cpu"             # the fast cache's kernels: a GPU's, else the interpreter's
+SEQ = torch.randint(3, 96, (1, PROMPT + 6), generator=torch.Generator().manual_seed(11)).to(DEVICE)
+CACHES = {"reference": ("cab_reference", R)}
+if FAST_OK:
+    CACHES["fast"] = ("cab_fast", cab_fast)
+
+
+@pytest.fixture(scope="module")
+def three_layers():
+    return tiny_model("llama", layers=3, device=DEVICE)
+
+
+def chunks(failing_step):
+    """The token ids of each forward: the prompt, then one token a step, two steps past `failing_step`."""
+    ends = [PROMPT] + list(range(PROMPT + 1, PROMPT + failing_step + 3))
+    return [SEQ[:, start:end] for start, end in zip([0] + ends, ends)]
+
+
+def fail_after(monkeypatch, owner, name, error, when):
+    """owner.name runs as before, then raises `error` where when(self, *args) holds."""
+    original = getattr(owner, name)
+
+    def failing(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if when(self, *args):
+            raise error("injected failure")
+        return result
+    monkeypatch.setattr(owner, name, failing)
+
+
+def inject(monkeypatch, place, error, model, cache):
+    """Make the next forward raise `error` at `place`."""
+    def middle(layer, *args):
+        return len(cache.layers) > FAIL_LAYER and layer is cache.layers[FAIL_LAYER]
+
+    def last(layer, *args):
+        return layer is cache.layers[-1] and len(cache.layers) == len(model.model.layers)
+    fast = type(cache) is not R.CabCache
+    if place == "update":
+        fail_after(monkeypatch, cab_fast.FastLayer if fast else R.CabLayer, "update", error, middle)
+    elif place == "attention":
+        fail_after(monkeypatch, R.LayerState, "after_attention", error, middle)
+        if fast:
+            fail_after(monkeypatch, cab_fast.FastLayer, "attend", error, middle)
+    elif place == "between layers":
+        def mlp(x):
+            raise error("injected failure")
+        monkeypatch.setattr(model.model.layers[0].mlp, "forward", mlp)
+    elif place == "after the last layer":                # the cache's work once the last layer attended
+        if fast:
+            fail_after(monkeypatch, cab_fast.CabCache, "after_reference_forward", error,
+                       lambda c, layer: layer.index == len(model.model.layers) - 1)
+            fail_after(monkeypatch, cab_fast.SlotBank, "end_step", error, lambda bank: True)
+        else:
+            fail_after(monkeypatch, R.LayerState, "after_attention", error, last)
+
+
+def forward_each(model, impl, cache, steps):
+    """One forward per chunk of token ids through `cache`: the last position's logits of each."""
+    model.set_attn_implementation(impl)
+    return [forward(model, ids, cache)[:, -1] for ids in steps]
+
+
+@pytest.fixture(scope="module")
+def clean_runs(three_layers):
+    """(which, failing_step) -> the logits of every step and the kept positions after the last, of a cache
+    that never failed (computed once)."""
+    runs = {}
+
+    def clean(which, failing_step):
+        if (which, failing_step) not in runs:
+            impl, module = CACHES[which]
+            cache = module.CabCache(EvictionConfig(policy="h2o", budget=6))
+            logits = forward_each(three_layers, impl, cache, chunks(failing_step))
+            runs[which, failing_step] = logits, cache.kept_positions()
+        return runs[which, failing_step]
+    return clean
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("place", ["update", "attention", "between layers", "after the last layer"])
+@pytest.mark.parametrize("failing_step", [0, 1], ids=["prompt", "decode"])
+@pytest.mark.parametrize("which", list(CACHES))
+def test_a_failed_step_is_undone_or_refused(three_layers, clean_runs, monkeypatch, which, failing_step, place, error):
+    """A forward that raises (an exception or an interrupt) leaves the cache as before the step (it then
+    goes on with the logits and kept positions of a cache that never failed) or, for the fast cache's steps
+    on its slots (written in place), refuses every later use with one clear error: never half a step."""
+    model, (impl, module) = three_layers, CACHES[which]
+    steps, (want, want_kept) = chunks(failing_step), clean_runs(which, failing_step)
+    cache = module.CabCache(EvictionConfig(policy="h2o", budget=6))
+    forward_each(model, impl, cache, steps[:failing_step])
+    before = (cache.get_seq_length(), [p.clone() for p in cache.kept_positions()])
+    with monkeypatch.context() as patch:
+        inject(patch, place, error, model, cache)
+        with pytest.raises(error, match="injected failure"):
+            forward_each(model, impl, cache, steps[failing_step:failing_step + 1])
+    if which == "fast" and failing_step > 0:             # a step on the slots
+        with pytest.raises(RuntimeError, match="start a new cache"):
+            forward_each(model, impl, cache, steps[failing_step:])
+        return
+    assert cache.get_seq_length() == before[0]
+    assert all(torch.equal(a, b) for a, b in zip(cache.kept_positions(), before[1], strict=True))
+    got = forward_each(model, impl, cache, steps[failing_step:])
+    torch.testing.assert_close(torch.stack(got), torch.stack(want[failing_step:]), rtol=0, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(cache.kept_positions(), want_kept, strict=True))
+
+
+@pytest.mark.parametrize("which", list(CACHES))
+def test_a_failure_after_the_caches_last_call_finds_the_step_complete(three_layers, clean_runs, monkeypatch,
+                                                                       which):
+    """The model's final norm runs after the cache's last call of the forward: the cache cannot see it fail
+    and holds the whole step (every layer the token), as transformers' own caches do; the next step goes
+    on from there."""
+    model, (impl, module) = three_layers, CACHES[which]
+    steps, (want, _) = chunks(1), clean_runs(which, 1)
+    cache = module.CabCache(EvictionConfig(policy="h2o", budget=6))
+    forward_each(model, impl, cache, steps[:1])
+    def final_norm(x):
+        raise RuntimeError("injected failure")
+    with monkeypatch.context() as patch:
+        patch.setattr(model.model.norm, "forward", final_norm)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            forward_each(model, impl, cache, steps[1:2])
+    got = forward_each(model, impl, cache, steps[2:])
+    torch.testing.assert_close(torch.stack(got), torch.stack(want[2:]), rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------------------------------
 # 5. Soaks: many decode steps with eviction
 
