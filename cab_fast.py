@@ -1239,6 +1239,7 @@ class SlotBank:
     """
 
     def __init__(self, loop, n_layers, first):
+        self.cut_graph = None      # first: __del__ reads it even when an allocation below fails (out of memory)
         b, h, live, d = first.keys.shape
         self.loop, self.budget, self.live = loop, first.budget, live
         cap = first.budget + loop.evict_every
@@ -1258,7 +1259,6 @@ class SlotBank:
         self.next_position = torch.full((), first.seen, dtype=torch.int64, device=dev)
         self.next_slot = self.free[..., :1].clone()
         self.members = [None] * n_layers
-        self.cut_graph = None      # see cut_all
 
     def __del__(self):
         """A cache lives in reference cycles (its layers point back at it), so it dies when the cyclic garbage

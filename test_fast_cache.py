@@ -18,6 +18,8 @@ cache's capture.
 """
 
 import gc
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -314,3 +316,20 @@ def test_decode_step_replays_in_a_cuda_graph(model):
             assert torch.equal(graphed.bank.keys, eager.bank.keys), f"replay {step}: cached keys differ"
             token.copy_(want[:, -1:].argmax(-1))
             position.add_(1)
+
+
+def test_a_bank_whose_allocation_fails_dies_quietly(monkeypatch):
+    """Out of memory while a SlotBank allocates its slots (a capacity search meets it on purpose): the half-built
+    bank is collected without an error from __del__."""
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+
+    class Keys:
+        shape, device = (1, 2, 8, 4), torch.device("cpu")
+
+        def new_zeros(self, *shape):
+            raise torch.OutOfMemoryError("out of memory")
+    with pytest.raises(torch.OutOfMemoryError):
+        cab_fast.SlotBank(SimpleNamespace(evict_every=1), 2, SimpleNamespace(keys=Keys(), budget=4))
+    gc.collect()
+    assert unraisable == []
