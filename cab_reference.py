@@ -745,7 +745,7 @@ class MatchSpan(Policy):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Fixes for questions that do not share the answer's words (issue 11): sentence matching, a second
+# Fixes for questions that do not share the answer's words: sentence matching, a second
 # matching round through the bridge entity, and query-agnostic keeping of a context's distinctive facts.
 
 def sentence_index(token_ids, boundary_ids):
@@ -849,7 +849,7 @@ class SentenceMatch(Policy):
     """Keep whole sentences: the one sharing the question's rarest words, then the one sharing the
     *new* words of that sentence (the bridge entity), and so on for `hops` rounds.
 
-    Fixes two failures of MatchSpan (issue 11, bridge_suite.jsonl / paraphrase_suite.jsonl):
+    Fixes two failures of MatchSpan (bridge_suite.jsonl / paraphrase_suite.jsonl):
     - bridge questions ("What is the home town of the architect of the Harlow Bridge?"): the answer's
       sentence ("Mira Ostrand grew up in Telsby ...") shares no word with the question, only the bridge
       entity named in the sentence that does ("The Harlow Bridge was designed by Mira Ostrand."). Round
@@ -938,7 +938,7 @@ def token_counts(token_ids, key_mask=None):
 class FactSlots(Policy):
     """Before the question exists, keep the words that tell similar sentences apart.
 
-    Fixes: compression before the question (issue 11's after-the-cut setting), where H2O, SnapKV and a
+    Fixes: compression before the question (the after-the-cut setting), where H2O, SnapKV and a
     KVzip-style reconstruction score keep no more of the answer than random eviction at 90% sparsity on
     these suites (NOTES.md). A question will ask about a fact; a context's facts of one kind share a
     pattern ("X grew up in Y and still visits it often.") and differ in their slots (X, Y).

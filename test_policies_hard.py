@@ -1,4 +1,4 @@
-"""SentenceMatch (issue 11's bridge and paraphrase fixes): what it promises, on synthetic prompts.
+"""SentenceMatch (the bridge and paraphrase fixes): what it promises, on synthetic prompts.
 
 A synthetic prompt is a list of token ids; its first-layer values are a fixed random vector per id (as
 in a real model's first layer, where a value depends on the token alone), so "the same word" means the
