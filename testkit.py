@@ -313,6 +313,18 @@ def ranking_proxies(scores, policy, per_head, evidence, computed=()):
     return s, proxies
 
 
+def swapped(kept_a, kept_b, heads, max_swaps):
+    """(row, b, h, kept by a only, kept by b only) for every (batch row, head) whose kept sets [B, H, K] differ,
+    at most max_swaps each; h is 0 where the evidence has one head (heads == 1: per-layer selection)."""
+    rows_a, rows_b = kept_a.reshape(-1, kept_a.shape[-1]), kept_b.reshape(-1, kept_b.shape[-1])
+    for r, (ra, rb) in enumerate(zip(rows_a.tolist(), rows_b.tolist())):
+        only_a, only_b = sorted(set(ra) - set(rb)), sorted(set(rb) - set(ra))
+        if only_a:
+            assert len(only_a) <= max_swaps, f"row {r}: {len(only_a)} swaps {only_a} vs {only_b}"
+            b, h = divmod(r, kept_a.shape[1])
+            yield r, b, (h if heads > 1 else 0), only_a, only_b
+
+
 def assert_same_kept(kept_a, kept_b, scores_truth, scores_tol, policy, per_head, evidence, max_swaps=2,
                      computed=()):
     """Kept index sets equal, except swaps between tokens whose ranking quantities (ranking_proxies, or
@@ -323,15 +335,7 @@ def assert_same_kept(kept_a, kept_b, scores_truth, scores_tol, policy, per_head,
         return
     s, proxies = ranking_proxies(scores_truth, policy, per_head, evidence, computed)
     tol = float(scores_tol)
-    rows_a, rows_b = kept_a.reshape(-1, kept_a.shape[-1]), kept_b.reshape(-1, kept_b.shape[-1])
-    heads = s.shape[1]
-    for r, (ra, rb) in enumerate(zip(rows_a.tolist(), rows_b.tolist())):
-        only_a, only_b = sorted(set(ra) - set(rb)), sorted(set(rb) - set(ra))
-        if not only_a:
-            continue
-        b, h = divmod(r, kept_a.shape[1])
-        h = h if heads > 1 else 0
-        assert len(only_a) <= max_swaps, f"row {r}: {len(only_a)} swaps {only_a} vs {only_b}"
+    for r, b, h, only_a, only_b in swapped(kept_a, kept_b, s.shape[1], max_swaps):
 
         def near(x, y):
             if any(abs(float(p[b, h, x] - p[b, h, y])) <= 2 * tol * max(1.0, float(p[b, h].abs().max()))
@@ -381,15 +385,7 @@ def assert_kept_ties_within_bounds(kept_a, kept_b, values_a, values_b, bounds, p
     if torch.equal(kept_a, kept_b):
         return
     sides = [bounded_proxies(values, bounds, policy, per_head) for values in (values_a, values_b)]
-    rows_a, rows_b = kept_a.reshape(-1, kept_a.shape[-1]), kept_b.reshape(-1, kept_b.shape[-1])
-    heads = sides[0][0][0].shape[1]
-    for r, (ra, rb) in enumerate(zip(rows_a.tolist(), rows_b.tolist())):
-        only_a, only_b = sorted(set(ra) - set(rb)), sorted(set(rb) - set(ra))
-        if not only_a:
-            continue
-        b, h = divmod(r, kept_a.shape[1])
-        h = h if heads > 1 else 0
-        assert len(only_a) <= max_swaps, f"row {r}: {len(only_a)} swaps {only_a} vs {only_b}"
+    for r, b, h, only_a, only_b in swapped(kept_a, kept_b, sides[0][0][0].shape[1], max_swaps):
 
         def tied(x, y):
             for i, (_, bound) in enumerate(sides[0]):
