@@ -633,6 +633,12 @@ class Engine:
         logits = self.step(tail.to(device), prompt.cut, self.replay(config))
         return answer_nll(logits[0], tail[0].to(device), first)
 
+    def likelihood(self, question: str, answer: str) -> dict:
+        """{"answer", "dense", "no_context"}: the gold answer and the NLLs a policy's answer_nll is measured
+        against (policy_likelihood)."""
+        return {"answer": answer, "dense": self.answer_nll(EvictionConfig(policy="none"), answer),
+                "no_context": self.no_context_nll(question, answer)}
+
     @torch.no_grad()
     def no_context_nll(self, question: str, answer: str) -> float:
         """The gold answer's NLL with the question alone (no context), dense: the baseline that
@@ -812,8 +818,7 @@ def describe_cut(config: EvictionConfig, n: int) -> str:
 
 def policy_report(engine: Engine, prompt: Prompt, config: EvictionConfig, max_new_tokens: int, top: int,
                   likelihood: dict | None):
-    """likelihood: {"answer", "dense", "no_context"} (the gold answer and its dense and question-alone
-    answer_nll) to measure this policy's answer_nll against, or None without an answer."""
+    """likelihood: Engine.likelihood's, or None without an answer."""
     cache, answer_text = engine.generate(config, max_new_tokens)
     n = prompt.cut
     a = analyse(cache, n)
@@ -962,9 +967,7 @@ def run_prompt(plan: Plan, engine: Engine, style, clock):
     prompt = build_prompt(engine.tokenizer, spec["context"], spec["question"], answer, args.question_after_cut)
     engine.prefill(prompt)
     _, dense = engine.generate(EvictionConfig(policy="none"), args.max_new_tokens)
-    likelihood = None if answer is None else {
-        "answer": answer, "dense": engine.answer_nll(EvictionConfig(policy="none"), answer),
-        "no_context": engine.no_context_nll(spec["question"], answer)}
+    likelihood = None if answer is None else engine.likelihood(spec["question"], answer)
     bar.step("prefill, dense")
     reports = []
     for policy, sparsity in runs:
@@ -1073,8 +1076,8 @@ class ResultsFile:
 
 
 def suite_row(item, prompt, config, sparsity, cache, text, dense, nll) -> dict:
-    """One result; sparsity is the run's (None with --budget); nll: this policy's, the dense cache's and
-    the question alone's answer_nll."""
+    """One result; sparsity is the run's (None with --budget); nll: Engine.likelihood's and
+    policy_likelihood's figures."""
     a = analyse(cache, prompt.cut)
     return {
         "id": item["id"], "setting": item["setting"], "policy": config.policy.name, "sparsity": sparsity,
@@ -1083,8 +1086,8 @@ def suite_row(item, prompt, config, sparsity, cache, text, dense, nll) -> dict:
         "question_retention": retention(a["kept"], prompt.question_positions),
         "correct": contains(text, item["answer"]), "f1": token_f1(text, item["answer"]),
         "dense_correct": contains(dense, item["answer"]), "dense_f1": token_f1(dense, item["answer"]),
-        "answer_nll": nll["policy"], "dense_nll": nll["dense"], "no_context_nll": nll["no_context"],
-        "context_benefit_kept": context_benefit(nll["no_context"], nll["dense"], nll["policy"]),
+        "answer_nll": nll["answer_nll"], "dense_nll": nll["dense"], "no_context_nll": nll["no_context"],
+        "context_benefit_kept": nll["context_benefit_kept"],
     }
 
 
@@ -1104,14 +1107,13 @@ def run_suite(plan: Plan, engine: Engine, rows: list, sinks, start=None):
                                   args.question_after_cut)
             engine.prefill(prompt)
             _, dense = engine.generate(EvictionConfig(policy="none"), args.max_new_tokens)
-            nll = {"dense": engine.answer_nll(EvictionConfig(policy="none"), item["answer"]),
-                   "no_context": engine.no_context_nll(item["question"], item["answer"])}
+            likelihood = engine.likelihood(item["question"], item["answer"])
             bar.step(f"{item['id']} dense")
             for policy, sparsity in todo[item["id"]]:
                 config = plan.config(policy, sparsity)
                 cache, text = engine.generate(config, args.max_new_tokens)
-                nll["policy"] = engine.answer_nll(config, item["answer"])
-                row = suite_row(item, prompt, config, sparsity, cache, text, dense, nll)
+                row = suite_row(item, prompt, config, sparsity, cache, text, dense, likelihood
+                                | policy_likelihood(engine, config, likelihood))
                 rows.append(row)
                 for sink in sinks:
                     sink(row)
