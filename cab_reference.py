@@ -245,6 +245,11 @@ def _check_fraction(name, value):
         raise ValueError(f"{name}: expected a value in [0, 1], got {value!r}")
 
 
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected True or False, got {value!r}")
+
+
 def _check_odd(name, value):
     _check_int(name, value, 1)
     if value % 2 == 0:
@@ -284,12 +289,20 @@ class Policy:
         """{evidence name: L}: use the mean of that evidence over the first L layers in every layer."""
         return {}
 
+    def ranks_by_scores(self, question: bool, token_ids: bool) -> bool:
+        """Whether `parts` may rank by the accumulated scores, given whether CabCache has a question span
+        and the prompt's token ids. False lets the fast twin skip the score pass altogether."""
+        return True
+
 
 @dataclass(frozen=True)
 class Dense(Policy):
     """Keep everything: the dense baseline through the same code path (its budget is N, so it is
     never asked to split one)."""
     name: ClassVar[str] = "none"
+
+    def ranks_by_scores(self, question, token_ids):
+        return False
 
 
 @dataclass(frozen=True)
@@ -305,6 +318,9 @@ class StreamingLLM(Policy):
     def parts(self, scores, k, context):
         sinks = min(self.sinks, k)
         return [Part("sink", sinks, -recency(scores)), Part("recent", k - sinks, recency(scores))]
+
+    def ranks_by_scores(self, question, token_ids):
+        return False
 
 
 def recent_and(k, recent_ratio, scores, name, priority):
@@ -650,6 +666,9 @@ class HybridSemantic(Policy):
     def parts(self, scores, k, context):
         return recent_and(k, self.recent_ratio, scores, "semantic", _need(context, "question_similarity", self.name))
 
+    def ranks_by_scores(self, question, token_ids):
+        return False
+
 
 def question_match(v, question_mask, threshold=0.5, key_mask=None, head_group=None):
     """MatchSpan's evidence: how strongly key j shares a word with the question, rare words counting more.
@@ -687,6 +706,15 @@ def question_match(v, question_mask, threshold=0.5, key_mask=None, head_group=No
     return match[:, None, :].expand(b, hkv, n).contiguous()                  # (B, Hkv, N)
 
 
+def question_first(priority, context):
+    """priority [B, H, N] with the question's own tokens ranked above every other key: a kept answer is
+    of little use to a model that has lost half of the question it answers (NOTES.md)."""
+    question = context.get("question_mask")                                  # (B, 1|H, N) bool
+    if question is None:
+        return priority
+    return torch.where(question, priority.amax(-1, keepdim=True) + 1.0, priority)
+
+
 @dataclass(frozen=True)
 class MatchSpan(Policy):
     """Fix 6, keep the passage that answers the question. Fixes: attention from the question lands on
@@ -698,7 +726,8 @@ class MatchSpan(Policy):
     so every token within `radius` of the best-matching stretch ties at that stretch's value and the
     whole neighbourhood is kept (2 * radius + 1 tokens), then the next-best stretch.
     Parts: the first `sinks` tokens, recent_ratio of K (at least 1) most recent tokens (the chat
-    template's tail and the end of the question), the rest by priority. Decode-time evictions pool over
+    template's tail), the rest by priority, the question's own tokens first (keep_question: a model
+    that lost half the question cannot use the answer it kept). Decode-time evictions pool over
     the remaining slots (new tokens have question_match 0).
     Without a question (no question_span) it ranks the rest by accumulated score, i.e. it is H2O with
     sinks. Still fails (NOTES.md): bridge questions, whose answer's sentence shares no word with the
@@ -710,6 +739,7 @@ class MatchSpan(Policy):
     window: int = 9                # odd width of the moving average that turns word matches into a stretch score
     radius: int = 9                # keep this many tokens either side of a well-matching stretch
     layers: int = 1                # question_match averaged over the first `layers` layers, then reused
+    keep_question: bool = True     # the question's tokens rank first in the span part (question_first)
 
     def __post_init__(self):
         _check_int("sinks", self.sinks, 0)
@@ -720,6 +750,7 @@ class MatchSpan(Policy):
         _check_odd("window", self.window)
         _check_int("radius", self.radius, 0)
         _check_int("layers", self.layers, 1)
+        _check_bool("keep_question", self.keep_question)
 
     def evidence(self, prompt):
         if prompt.question_mask is None:
@@ -729,6 +760,9 @@ class MatchSpan(Policy):
 
     def layer_pooling(self):
         return {"question_match": self.layers}   # word identity is clearest in the first layers
+
+    def ranks_by_scores(self, question, token_ids):
+        return not question
 
     def parts(self, scores, k, context):
         sinks = min(self.sinks, k)
@@ -740,8 +774,10 @@ class MatchSpan(Policy):
         b, h, n = match.shape
         stretch = F.avg_pool1d(match.float().reshape(b * h, 1, n), self.window, stride=1,
                                padding=self.window // 2, count_include_pad=False)   # (B*H, 1, N)
-        priority = F.max_pool1d(stretch, 2 * self.radius + 1, stride=1, padding=self.radius)
-        return head + [Part("span", k - sinks - recent, priority.reshape(b, h, n))]
+        priority = F.max_pool1d(stretch, 2 * self.radius + 1, stride=1, padding=self.radius).reshape(b, h, n)
+        if self.keep_question:
+            priority = question_first(priority, context)
+        return head + [Part("span", k - sinks - recent, priority)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -863,7 +899,8 @@ class SentenceMatch(Policy):
     0.5-0.75 ("architect" vs " choir" 0.71), which at MatchSpan's 0.5 made every word match.
     Sentences end at tokens in `boundary_ids` (e.g. sentence_end_ids(tokenizer)), read from the prompt's
     token ids (CabCache(token_ids=...)); without them, fixed segments of `segment` tokens.
-    Priority: hop-1 sentence > hop-2 sentence > ... > every other sentence by its best match in any round.
+    Priority: the question's own tokens (keep_question) > hop-1 sentence > hop-2 sentence > ... > every
+    other sentence by its best match in any round.
     Parts: `sinks` first tokens, recent_ratio of K most recent tokens, the rest by that priority.
     Without a question it ranks the rest by accumulated score (H2O with sinks), as MatchSpan.
     Still fails: a bridge entity written differently in its two sentences (a pronoun, "the architect");
@@ -890,6 +927,7 @@ class SentenceMatch(Policy):
     hops: int = 2                  # matching rounds: 1 = the question's sentence only, 2 = + the bridge's
     boundary_ids: tuple = ()       # token ids that end a sentence (needs the prompt's token ids)
     segment: int = 16              # sentence stand-in without boundaries: fixed segments of this many tokens
+    keep_question: bool = True     # the question's tokens rank first in the sentences part (question_first)
 
     def __post_init__(self):
         _check_int("sinks", self.sinks, 0)
@@ -900,6 +938,7 @@ class SentenceMatch(Policy):
         _check_int("hops", self.hops, 1)
         _check_boundary_ids(self.boundary_ids)
         _check_int("segment", self.segment, 1)
+        _check_bool("keep_question", self.keep_question)
 
     def evidence(self, prompt):
         if prompt.question_mask is None:
@@ -914,13 +953,19 @@ class SentenceMatch(Policy):
     def layer_pooling(self):
         return {"sentence_match": 1}   # the first layer's values: word identity, before any mixing
 
+    def ranks_by_scores(self, question, token_ids):
+        return not question
+
     def parts(self, scores, k, context):
         sinks = min(self.sinks, k)
         recent = min(k - sinks, max(1, int(k * self.recent_ratio)))
         head = [Part("sink", sinks, -recency(scores)), Part("recent", recent, recency(scores))]
         priority = context.get("sentence_match")
-        return head + [Part("sentences" if priority is not None else "heavy", k - sinks - recent,
-                            scores if priority is None else priority)]
+        if priority is None:
+            return head + [Part("heavy", k - sinks - recent, scores)]
+        if self.keep_question:
+            priority = question_first(priority, context)
+        return head + [Part("sentences", k - sinks - recent, priority)]
 
 def token_counts(token_ids, key_mask=None):
     """How often each token's id occurs among the row's real tokens: [B, N] float32 (0 for padding)."""
@@ -992,6 +1037,9 @@ class FactSlots(Policy):
             template = sentence_sums(pattern[row].float(), sid) / length
             priority[row] = template * (1.0 + self.slot_bonus * (counts[row] == 1))
         return {"fact_slots": priority[:, None, :].expand(b, h, n).contiguous()}
+
+    def ranks_by_scores(self, question, token_ids):
+        return not (token_ids and self.boundary_ids)
 
     def parts(self, scores, k, context):
         sinks = min(self.sinks, k)
@@ -1281,9 +1329,11 @@ class LayerState:
         return self.valid[:, 0]
 
     def after_attention(self, q, scores, *, scale=None, attention_fn: AttentionFn = attention):
-        """Accumulate this call's scores; gather the prompt's evidence on the first call; evict to budget."""
+        """Accumulate this call's scores (None: not computed, as the policy does not rank by them, see
+        EvictionLoop.reads_scores); gather the prompt's evidence on the first call; evict to budget."""
         loop = self.loop
-        self.scores = self.scores + scores
+        if scores is not None:
+            self.scores = self.scores + scores
         is_prompt = self.budget is None
         if is_prompt:
             self.budget = loop.config.cache_budget(self.keys.shape[2])
@@ -1438,6 +1488,12 @@ class EvictionLoop:
     def kept_positions(self):
         """Per layer, the original positions of the cached tokens: [B, Hkv, L] int64."""
         return [layer.positions for layer in self.layers]
+
+    @property
+    def reads_scores(self) -> bool:
+        """Whether this cache's policy ranks by accumulated scores; when not, an attention function may
+        skip computing them (cab_fast does) and the layers' scores stay 0."""
+        return self.config.policy.ranks_by_scores(self.question_span is not None, self.token_ids is not None)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ in a real model's first layer, where a value depends on the token alone), so "th
 same id. Sentences end at id 1 (".").
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -79,7 +81,7 @@ def keep(policy, ids, question, k):
 def test_two_hops_keep_the_answer_sentence(order):
     ids, question, answer = bridge_prompt(order)
     policy = R.SentenceMatch(boundary_ids=(DOT, QMARK), recent_ratio=0.1)
-    k = 1 + 2 + len(HOP1) + len(HOP2)                   # sink + recent + both sentences
+    k = 1 + 2 + len(QUESTION) + len(HOP1) + len(HOP2)   # sink + recent + the question + both sentences
     kept, _ = keep(policy, ids, question, k)
     for row in kept[0]:
         assert set(answer) <= set(row.tolist())
@@ -109,7 +111,7 @@ def test_answer_far_past_the_entity_is_kept_with_its_sentence():
     ids = [0] + FILLER[0] + DISTRACTOR1 + long_fact + FILLER[1] + QUESTION + TAIL
     start = ids.index(54)
     answer = [ids.index(30), ids.index(31)]
-    k = 1 + 2 + len(long_fact)
+    k = 1 + 2 + len(QUESTION) + len(long_fact)
     kept, _ = keep(R.SentenceMatch(boundary_ids=(DOT, QMARK), recent_ratio=0.1), torch.tensor([ids]),
                    (start, start + len(QUESTION)), k)
     assert set(answer) <= set(kept[0, 0].tolist())
@@ -196,7 +198,7 @@ def test_through_the_loop_every_layer_keeps_the_answer():
     ids, question, answer = bridge_prompt(ORDERS[1])
     n = ids.shape[1]
     policy = R.SentenceMatch(boundary_ids=(DOT, QMARK), recent_ratio=0.1)
-    loop = R.EvictionLoop(R.EvictionConfig(policy=policy, budget=1 + 2 + len(HOP1) + len(HOP2)),
+    loop = R.EvictionLoop(R.EvictionConfig(policy=policy, budget=1 + 2 + len(QUESTION) + len(HOP1) + len(HOP2)),
                           question_span=question, token_ids=ids[0])
     g = torch.Generator().manual_seed(4)
     for layer in range(3):                               # later layers reuse the first layer's evidence
@@ -274,3 +276,47 @@ def test_nearness_favours_tokens_next_to_rare_matches():
     assert near[3] == 1.0 and near[2] == near[4] == 0.5
     assert near[1] > near[10]                            # two from the rare word beats one from the common
     assert torch.equal(R.nearness(torch.zeros(5), torch.arange(5)), torch.zeros(5))
+
+
+@pytest.mark.parametrize("policy", [R.SentenceMatch(boundary_ids=(DOT, QMARK), recent_ratio=0.1),
+                                    R.MatchSpan(recent_ratio=0.1)], ids=["sentence_match", "match_span"])
+def test_the_question_is_kept_whole_before_other_sentences(policy):
+    """The question ranks above every context sentence (question_first); without it, a budget that holds
+    the answer's sentences keeps only the question's tail."""
+    ids, question, _ = bridge_prompt(ORDERS[0])
+    k = 1 + 2 + len(QUESTION) + 6
+    asked = set(range(*question))
+    kept, _ = keep(policy, ids, question, k)
+    assert all(asked <= set(row.tolist()) for row in kept[0])
+    kept, _ = keep(dataclasses.replace(policy, keep_question=False), ids, question, k)
+    assert not any(asked <= set(row.tolist()) for row in kept[0])
+
+
+@pytest.mark.parametrize("name", [name for name in R.POLICIES if name != "none"])     # none never selects
+@pytest.mark.parametrize("question, token_ids", [(True, True), (True, False), (False, True), (False, False)])
+def test_a_policy_that_says_it_ranks_by_no_score_ignores_them(name, question, token_ids):
+    """ranks_by_scores False (which lets the fast twin skip the score pass) means the kept set is the
+    same whatever the accumulated scores are."""
+    cls = R.POLICY_TYPES[name]
+    policy = cls(boundary_ids=(DOT, QMARK)) if "boundary_ids" in {f.name for f in dataclasses.fields(cls)} else cls()
+    if (policy.needs_question and not question) or policy.ranks_by_scores(question, token_ids):
+        pytest.skip("ranks by scores here")
+    ids, span, _ = bridge_prompt(ORDERS[0])
+    prompt = prompt_for(ids, span)
+    prompt = prompt._replace(question_mask=prompt.question_mask if question else None,
+                             token_ids=ids if token_ids else None)
+    context = dict(policy.evidence(prompt), question_mask=prompt.question_mask)
+    valid = torch.ones(1, HKV, ids.shape[1], dtype=torch.bool)
+    g = torch.Generator().manual_seed(7)
+    kept = [policy.select(torch.rand(valid.shape, generator=g), 12, context, valid).kept for _ in range(3)]
+    assert torch.equal(kept[0], kept[1]) and torch.equal(kept[0], kept[2])
+
+
+def test_score_reading_is_declared_for_the_question_driven_policies():
+    assert R.H2O().ranks_by_scores(True, True) and R.CAB().ranks_by_scores(True, True)
+    assert not R.StreamingLLM().ranks_by_scores(False, False)
+    assert not R.MatchSpan().ranks_by_scores(True, False) and R.MatchSpan().ranks_by_scores(False, True)
+    assert R.FactSlots().ranks_by_scores(False, True)                      # no boundary ids: heavy hitters
+    assert not R.FactSlots(boundary_ids=(DOT,)).ranks_by_scores(False, True)
+    loop = R.EvictionLoop(R.EvictionConfig(policy="sentence_match"), question_span=(3, 5))
+    assert not loop.reads_scores and R.EvictionLoop(R.EvictionConfig(policy="sentence_match")).reads_scores
