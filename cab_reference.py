@@ -245,11 +245,6 @@ def _check_fraction(name, value):
         raise ValueError(f"{name}: expected a value in [0, 1], got {value!r}")
 
 
-def _check_bool(name, value):
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}: expected True or False, got {value!r}")
-
-
 def _check_odd(name, value):
     _check_int(name, value, 1)
     if value % 2 == 0:
@@ -706,13 +701,22 @@ def question_match(v, question_mask, threshold=0.5, key_mask=None, head_group=No
     return match[:, None, :].expand(b, hkv, n).contiguous()                  # (B, Hkv, N)
 
 
-def question_first(priority, context):
-    """priority [B, H, N] with the question's own tokens ranked above every other key: a kept answer is
-    of little use to a model that has lost half of the question it answers (NOTES.md)."""
-    question = context.get("question_mask")                                  # (B, 1|H, N) bool
-    if question is None:
-        return priority
-    return torch.where(question, priority.amax(-1, keepdim=True) + 1.0, priority)
+def question_first(priority, question_mask):
+    """priority [B, H, N] with the question's own tokens (question_mask [B, 1|H, N]) above every other key."""
+    return torch.where(question_mask, priority.amax(-1, keepdim=True) + 1.0, priority)
+
+
+def question_and(rest, question_tokens, name, priority, context):
+    """The last `rest` tokens of a question-driven policy's budget: the evidence by `priority`, and up to
+    `question_tokens` of the question's own tokens ranked above it (a kept answer is of little use to a
+    model that lost half of the question it answers: NOTES.md). The evidence comes first: the question
+    gets only what exceeds question_tokens of evidence, so a small budget keeps evidence alone. A question
+    shorter than its share leaves the rest of the share to `priority`; a longer one keeps its last tokens."""
+    question_mask = context.get("question_mask")
+    question = 0 if question_mask is None else max(0, min(question_tokens, rest - question_tokens))
+    if question == 0:
+        return [Part(name, rest, priority)]
+    return [Part("question", question, question_first(priority, question_mask)), Part(name, rest - question, priority)]
 
 
 @dataclass(frozen=True)
@@ -726,8 +730,8 @@ class MatchSpan(Policy):
     so every token within `radius` of the best-matching stretch ties at that stretch's value and the
     whole neighbourhood is kept (2 * radius + 1 tokens), then the next-best stretch.
     Parts: the first `sinks` tokens, recent_ratio of K (at least 1) most recent tokens (the chat
-    template's tail), the rest by priority, the question's own tokens first (keep_question: a model
-    that lost half the question cannot use the answer it kept). Decode-time evictions pool over
+    template's tail), the rest by priority, with up to `question_tokens` of the question (question_and).
+    Decode-time evictions pool over
     the remaining slots (new tokens have question_match 0).
     Without a question (no question_span) it ranks the rest by accumulated score, i.e. it is H2O with
     sinks. Still fails (NOTES.md): bridge questions, whose answer's sentence shares no word with the
@@ -739,7 +743,7 @@ class MatchSpan(Policy):
     window: int = 9                # odd width of the moving average that turns word matches into a stretch score
     radius: int = 9                # keep this many tokens either side of a well-matching stretch
     layers: int = 1                # question_match averaged over the first `layers` layers, then reused
-    keep_question: bool = True     # the question's tokens rank first in the span part (question_first)
+    question_tokens: int = 32      # question tokens kept once the evidence has as many (question_and)
 
     def __post_init__(self):
         _check_int("sinks", self.sinks, 0)
@@ -750,7 +754,7 @@ class MatchSpan(Policy):
         _check_odd("window", self.window)
         _check_int("radius", self.radius, 0)
         _check_int("layers", self.layers, 1)
-        _check_bool("keep_question", self.keep_question)
+        _check_int("question_tokens", self.question_tokens, 0)
 
     def evidence(self, prompt):
         if prompt.question_mask is None:
@@ -775,9 +779,7 @@ class MatchSpan(Policy):
         stretch = F.avg_pool1d(match.float().reshape(b * h, 1, n), self.window, stride=1,
                                padding=self.window // 2, count_include_pad=False)   # (B*H, 1, N)
         priority = F.max_pool1d(stretch, 2 * self.radius + 1, stride=1, padding=self.radius).reshape(b, h, n)
-        if self.keep_question:
-            priority = question_first(priority, context)
-        return head + [Part("span", k - sinks - recent, priority)]
+        return head + question_and(k - sinks - recent, self.question_tokens, "span", priority, context)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -899,9 +901,9 @@ class SentenceMatch(Policy):
     0.5-0.75 ("architect" vs " choir" 0.71), which at MatchSpan's 0.5 made every word match.
     Sentences end at tokens in `boundary_ids` (e.g. sentence_end_ids(tokenizer)), read from the prompt's
     token ids (CabCache(token_ids=...)); without them, fixed segments of `segment` tokens.
-    Priority: the question's own tokens (keep_question) > hop-1 sentence > hop-2 sentence > ... > every
-    other sentence by its best match in any round.
-    Parts: `sinks` first tokens, recent_ratio of K most recent tokens, the rest by that priority.
+    Priority: hop-1 sentence > hop-2 sentence > ... > every other sentence by its best match in any round.
+    Parts: `sinks` first tokens, recent_ratio of K most recent tokens, the rest by that priority, with
+    up to `question_tokens` of the question (question_and).
     Without a question it ranks the rest by accumulated score (H2O with sinks), as MatchSpan.
     Still fails: a bridge entity written differently in its two sentences (a pronoun, "the architect");
     a hop-1 sentence won by a distractor sharing more question words; hop 2 won by the one other
@@ -927,7 +929,7 @@ class SentenceMatch(Policy):
     hops: int = 2                  # matching rounds: 1 = the question's sentence only, 2 = + the bridge's
     boundary_ids: tuple = ()       # token ids that end a sentence (needs the prompt's token ids)
     segment: int = 16              # sentence stand-in without boundaries: fixed segments of this many tokens
-    keep_question: bool = True     # the question's tokens rank first in the sentences part (question_first)
+    question_tokens: int = 32      # question tokens kept once the evidence has as many (question_and)
 
     def __post_init__(self):
         _check_int("sinks", self.sinks, 0)
@@ -938,7 +940,7 @@ class SentenceMatch(Policy):
         _check_int("hops", self.hops, 1)
         _check_boundary_ids(self.boundary_ids)
         _check_int("segment", self.segment, 1)
-        _check_bool("keep_question", self.keep_question)
+        _check_int("question_tokens", self.question_tokens, 0)
 
     def evidence(self, prompt):
         if prompt.question_mask is None:
@@ -963,9 +965,7 @@ class SentenceMatch(Policy):
         priority = context.get("sentence_match")
         if priority is None:
             return head + [Part("heavy", k - sinks - recent, scores)]
-        if self.keep_question:
-            priority = question_first(priority, context)
-        return head + [Part("sentences", k - sinks - recent, priority)]
+        return head + question_and(k - sinks - recent, self.question_tokens, "sentences", priority, context)
 
 def token_counts(token_ids, key_mask=None):
     """How often each token's id occurs among the row's real tokens: [B, N] float32 (0 for padding)."""

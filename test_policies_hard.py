@@ -81,7 +81,7 @@ def keep(policy, ids, question, k):
 def test_two_hops_keep_the_answer_sentence(order):
     ids, question, answer = bridge_prompt(order)
     policy = R.SentenceMatch(boundary_ids=(DOT, QMARK), recent_ratio=0.1)
-    k = 1 + 2 + len(QUESTION) + len(HOP1) + len(HOP2)   # sink + recent + the question + both sentences
+    k = 1 + 2 + len(HOP1) + len(HOP2)                   # sink + recent + both sentences
     kept, _ = keep(policy, ids, question, k)
     for row in kept[0]:
         assert set(answer) <= set(row.tolist())
@@ -111,7 +111,7 @@ def test_answer_far_past_the_entity_is_kept_with_its_sentence():
     ids = [0] + FILLER[0] + DISTRACTOR1 + long_fact + FILLER[1] + QUESTION + TAIL
     start = ids.index(54)
     answer = [ids.index(30), ids.index(31)]
-    k = 1 + 2 + len(QUESTION) + len(long_fact)
+    k = 1 + 2 + len(long_fact)
     kept, _ = keep(R.SentenceMatch(boundary_ids=(DOT, QMARK), recent_ratio=0.1), torch.tensor([ids]),
                    (start, start + len(QUESTION)), k)
     assert set(answer) <= set(kept[0, 0].tolist())
@@ -198,7 +198,7 @@ def test_through_the_loop_every_layer_keeps_the_answer():
     ids, question, answer = bridge_prompt(ORDERS[1])
     n = ids.shape[1]
     policy = R.SentenceMatch(boundary_ids=(DOT, QMARK), recent_ratio=0.1)
-    loop = R.EvictionLoop(R.EvictionConfig(policy=policy, budget=1 + 2 + len(QUESTION) + len(HOP1) + len(HOP2)),
+    loop = R.EvictionLoop(R.EvictionConfig(policy=policy, budget=1 + 2 + len(HOP1) + len(HOP2)),
                           question_span=question, token_ids=ids[0])
     g = torch.Generator().manual_seed(4)
     for layer in range(3):                               # later layers reuse the first layer's evidence
@@ -278,17 +278,18 @@ def test_nearness_favours_tokens_next_to_rare_matches():
     assert torch.equal(R.nearness(torch.zeros(5), torch.arange(5)), torch.zeros(5))
 
 
-@pytest.mark.parametrize("policy", [R.SentenceMatch(boundary_ids=(DOT, QMARK), recent_ratio=0.1),
-                                    R.MatchSpan(recent_ratio=0.1)], ids=["sentence_match", "match_span"])
+@pytest.mark.parametrize("policy", [R.SentenceMatch(boundary_ids=(DOT, QMARK), recent_ratio=0.1, question_tokens=6),
+                                    R.MatchSpan(recent_ratio=0.1, question_tokens=6)],
+                         ids=["sentence_match", "match_span"])
 def test_the_question_is_kept_whole_before_other_sentences(policy):
-    """The question ranks above every context sentence (question_first); without it, a budget that holds
+    """The question's share of the budget keeps it whole (question_and); without one, a budget that holds
     the answer's sentences keeps only the question's tail."""
     ids, question, _ = bridge_prompt(ORDERS[0])
-    k = 1 + 2 + len(QUESTION) + 6
+    k = 1 + 1 + 12
     asked = set(range(*question))
     kept, _ = keep(policy, ids, question, k)
     assert all(asked <= set(row.tolist()) for row in kept[0])
-    kept, _ = keep(dataclasses.replace(policy, keep_question=False), ids, question, k)
+    kept, _ = keep(dataclasses.replace(policy, question_tokens=0), ids, question, k)
     assert not any(asked <= set(row.tolist()) for row in kept[0])
 
 

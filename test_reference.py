@@ -135,8 +135,6 @@ def bad_knob_values(default):
         return ["nonsense", 3]
     if isinstance(default, tuple):
         return [(-1,), (1.5,), [1, 2]]
-    if isinstance(default, bool):
-        return [1, "yes", None]
     if isinstance(default, int):
         return [-1, True, 1.5]
     return [math.nan, True, "0.5"]
