@@ -720,8 +720,9 @@ EVIDENCE_POLICIES = ("h2o", "snapkv", "cab", "bidirectional", "question_aware", 
 def bench_policy_overhead(lengths=(4096, 32768), layers=16, question=24):
     """Prefill seconds with each policy's cache (its evidence and the prompt cut included) against dense
     SDPA and against h2o (scores only, no evidence). The question is the prompt's last `question` tokens;
-    the prompt's token ids go to the cache (SentenceMatch reads sentence ends from them). Connectivity /
-    curvature bridges are left out: they build the N x N attention graph by definition."""
+    the prompt's token ids go to the cache (SentenceMatch reads sentence ends from them). Given the question,
+    match_span and sentence_match do not rank by scores and skip the score pass (bench_scoreless). Connectivity
+    / curvature bridges are left out: they build the N x N attention graph by definition."""
     import transformers
     model = _llama(layers)
     for n in lengths:
@@ -740,6 +741,43 @@ def bench_policy_overhead(lengths=(4096, 32768), layers=16, question=24):
         yield row
 
 
+SCORELESS_POLICIES = ("streaming", "match_span", "sentence_match")   # with a question: no score pass
+
+
+@torch.no_grad()
+def bench_scoreless(n, layers=16, question=24, steps=32, rounds=3):
+    """B=1, sparsity 0.9: prefill seconds and eager decode ms per step with the caches whose policy does not
+    rank by scores (cab_fast skips the score pass: SDPA's forward for the prompt, decode kernels without
+    scores), h2o's (scores) beside them, against dense SDPA + DynamicCache. The question is the prompt's last
+    `question` tokens; the token ids go to the cache. Each side runs `rounds` times on fresh caches over the
+    same prompt: prefill is the fastest round, the step the last round's, which for dense revisits the KV
+    lengths of the rounds before (SDPA's cuDNN plans cached: dense at its best, see e2e_dense_step_check).
+    Targets: a scoreless prefill <= 1.05x dense, its step <= dense's."""
+    import transformers
+    model = _llama(layers)
+    ids = _prompt(1, n)
+
+    def measured(make):
+        prefill, step_ms = [], None
+        for _ in range(rounds):
+            cache = make()
+            seconds, token = _synced(lambda c=cache: _prefill(model, ids, c))
+            prefill.append(seconds)
+            step_ms = _eager_steps_ms(model, cache, token, steps)
+            del cache
+            torch.cuda.empty_cache()
+        return {"prefill_s": min(prefill), "step_ms": step_ms}
+
+    model.set_attn_implementation("sdpa")
+    rows = {"dense": measured(transformers.DynamicCache)}
+    model.set_attn_implementation("cab_fast")
+    for name in (*SCORELESS_POLICIES, "h2o"):
+        config = ref.EvictionConfig(policy=name, sparsity=0.9)
+        rows[name] = measured(lambda: cab_fast.CabCache(config, question_span=(n - question, n), token_ids=ids[0]))
+        rows[name]["reads_scores"] = config.policy.ranks_by_scores(True, True)    # given a question and token ids
+    return rows
+
+
 def _f(x, fmt="{:8.3f}"):
     return fmt.format(x) if isinstance(x, (int, float)) else f"{'-':>8}"
 
@@ -749,7 +787,8 @@ def main():
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     ap.add_argument("--quick", action="store_true", help="fewer sizes, for a smoke run")
     ap.add_argument("--skip", default="",
-                    help="comma list of sections to skip: overhead,first,prefill,decode,e2e,capacity,policies")
+                    help="comma list of sections to skip: overhead,first,prefill,decode,e2e,capacity,policies,"
+                         "scoreless")
     ap.add_argument("--autotune", action="store_true",
                     help="sweep cab_fast's candidate tiles first, print the winning table and use it in this run "
                          "(CAB_AUTOTUNE=1 in the environment instead tunes every shape class on its first call)")
@@ -812,6 +851,19 @@ def main():
             _row("policy_overhead", **r)
             say(f"N={r['n']:>6}  dense {r['dense_s']:.3f}  " + "  ".join(
                 f"{k} {v:.3f} ({v / r['h2o']:.2f})" for k, v in r.items() if k not in ("n", "dense_s")), flush=True)
+    if "scoreless" not in skip:
+        n = 4096 if args.quick else 32768
+        say(f"\ncaches whose policy does not rank by scores (no score pass), B=1, N={n}, 90%, question = last 24 "
+            f"tokens; dense's eager step at its best (KV lengths already seen); targets: prefill <= 1.05x, step "
+            f"<= 1.00x dense")
+        rows = bench_scoreless(n)
+        _row("scoreless", n=n, **rows)
+        dense = rows["dense"]
+        say(f"{'cache':<16} {'scores':>6} {'prefill s':>9} {'x dense':>8} {'step ms':>8} {'x dense':>8}")
+        for name, r in rows.items():
+            reads = "-" if name == "dense" else ("yes" if r["reads_scores"] else "no")
+            say(f"{name:<16} {reads:>6} {r['prefill_s']:>9.3f} {r['prefill_s'] / dense['prefill_s']:>8.2f} "
+                f"{r['step_ms']:>8.2f} {r['step_ms'] / dense['step_ms']:>8.2f}", flush=True)
     if args.json:
         print(json.dumps({"header": head, "rows": ROWS}, indent=1))
 

@@ -25,6 +25,10 @@ in place. Two parts, in this order:
                4. _decode_reduce_kernel: programs for key blocks and for output rows, each combining every
                   split's partials of its rows at once, in a fixed order (deterministic): the key blocks
                   turn their stored logits into probabilities and column sums, the rows write out.
+     no scores _attention(..., scores=False) (what CabCache calls where its policy does not rank by scores)
+               returns (out, None) and launches no score work: prefill is SDPA's default backend where dense
+               attention would call it the same way (CUDA, no key mask, causal only for Nq == Nk), else
+               kernel 1 alone; decode runs kernels 3 and 4 with SCORES off (no logits, no score blocks).
 
    Tiles are fixed ahead of time per (GPU compute capability or GPU, kernel, head-dim class, dtype class)
    in _TILES, as FlashAttention does: a call never autotunes. CAB_AUTOTUNE=1 in the environment (read on
@@ -41,7 +45,9 @@ in place. Two parts, in this order:
    It subclasses cab_reference.CabCache: the same arguments (plus cut_graphs) and methods; policies,
    selection and the prompt's first cut are the reference's own (imported as `_ref`, never re-exported).
    After the cut the tokens live in per-slot buffers: a decode step writes one slot, attends over all of
-   them and syncs nothing (it can be captured in a CUDA graph). Importing this module registers
+   them and syncs nothing (it can be captured in a CUDA graph). A cache whose policy does not rank by
+   scores (EvictionLoop.reads_scores: streaming, the question-span matchers given a span, ...) skips the
+   score pass on every path, prompt and decode; its layers' scores stay 0. Importing this module registers
    attn_implementation "cab_fast" with transformers; switch with `cab_fast.CabCache(...)` plus
    attn_implementation="cab_fast".
 
@@ -51,6 +57,7 @@ imported), slowly and with 16-wide tiles; that is what CI's tests use.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import os
@@ -549,7 +556,8 @@ def _lse2(m, total):
 @triton.jit
 def _workspace(Work, PARTS, BLOCK_D: tl.constexpr):
     """The decode workspace, one float32 buffer: accumulators [PARTS, BLOCK_D], running max [PARTS],
-    running sum [PARTS] (PARTS = B * Hkv * splits * BLOCK_R, 0 for one split), then the logits."""
+    running sum [PARTS] (PARTS = B * Hkv * splits * BLOCK_R, 0 for one split), then the logits (none
+    without SCORES)."""
     parts = PARTS.to(tl.int64)
     Mp = Work + parts * BLOCK_D
     Lp = Mp + parts
@@ -563,11 +571,12 @@ def _decode_partial_kernel(Q, K, V, KM, Work, Out, Scores,
                            H_KV, G, N_Q, N_K, NUM_SPLITS, PARTS, qk_scale,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                            CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-                           SINGLE: tl.constexpr, BLOCK_N: tl.constexpr):
+                           SINGLE: tl.constexpr, SCORES: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (split s, batch * KV head): key blocks s, s + NUM_SPLITS, s + 2 * NUM_SPLITS, ... for all
     G * Nq rows of the head. Interleaved, the head's programs stream adjacent blocks at any moment: on an H200
     1-1.5% faster than contiguous shares (MHA and GQA 32/8, 32k-128k keys, CUDA-graph replay).
-    SINGLE (one split): also writes out and the scores, so short decode is one launch."""
+    SINGLE (one split): also writes out and the scores, so short decode is one launch.
+    SCORES False: no logits stored and no scores (Scores is never written)."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H_KV).to(tl.int64)
@@ -594,17 +603,20 @@ def _decode_partial_kernel(Q, K, V, KM, Work, Out, Scores,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         qk = _logits(q, K_base, KM_base, skn, skd, skmn, offs_n, offs_d, qi, N_K, N_K - N_Q, qk_scale,
                      MASKED=True, CAUSAL=CAUSAL, HAS_MASK=HAS_MASK, HEAD_DIM=HEAD_DIM, PREC=PREC)
-        tl.store(Lg_base + lg_rows + offs_n.to(tl.int64)[None, :], qk, mask=r_ok[:, None] & (offs_n < N_K)[None, :])
+        if SCORES:
+            tl.store(Lg_base + lg_rows + offs_n.to(tl.int64)[None, :], qk,
+                     mask=r_ok[:, None] & (offs_n < N_K)[None, :])
         acc, m_i, l_i = _online_softmax(acc, m_i, l_i, qk, V_base, svn, svd, offs_n, offs_d, N_K,
                                         HEAD_DIM=HEAD_DIM, PREC=PREC)
     if SINGLE:
         _store_decode_out(Out, acc, l_i, b, hkv, G, N_Q, sob, soh, som, sod, offs_r, offs_d, r_ok,
                           HEAD_DIM=HEAD_DIM)
-        lse2 = _lse2(m_i, l_i)
-        tl.debug_barrier()                                          # the logits above, visible to all threads
-        for start_n in range(0, N_K, BLOCK_N):
-            _store_logit_scores(Scores + pid_bh.to(tl.int64) * N_K, Lg_base, KM_base, skmn, lse2, offs_r, r_ok,
-                                start_n + tl.arange(0, BLOCK_N), N_K, HAS_MASK=HAS_MASK)
+        if SCORES:
+            lse2 = _lse2(m_i, l_i)
+            tl.debug_barrier()                                      # the logits above, visible to all threads
+            for start_n in range(0, N_K, BLOCK_N):
+                _store_logit_scores(Scores + pid_bh.to(tl.int64) * N_K, Lg_base, KM_base, skmn, lse2, offs_r,
+                                    r_ok, start_n + tl.arange(0, BLOCK_N), N_K, HAS_MASK=HAS_MASK)
     else:
         part = (pid_bh.to(tl.int64) * NUM_SPLITS + pid_s) * BLOCK_R
         tl.store(Mp + part + offs_r, m_i)
@@ -644,13 +656,14 @@ def _decode_reduce_kernel(Work, KM, Out, Scores,
                           H_KV, G, N_Q, N_K, NUM_SPLITS, PARTS,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                           ROWS_R: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
+                          SCORES: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (block, batch * KV head). The first cdiv(N_K, BLOCK_N) blocks turn BLOCK_N keys' stored
-    logits into scores; each of the G * N_Q blocks after them writes one row of out. Every program combines
-    the split partials of its rows itself, all splits at once and in the same fixed order (deterministic):
-    one step each, since a loop over splits or keys in a few programs was latency-bound. The partials are
-    laid out BLOCK_R rows apart (the partial kernel's tile, >= 16 for its dots); the score blocks take only
-    ROWS_R = next_pow2(G * N_Q) rows, so that MHA's single row does not exponentiate 15 padding rows."""
+    logits into scores (none without SCORES); each of the G * N_Q blocks after them writes one row of out.
+    Every program combines the split partials of its rows itself, all splits at once and in the same fixed
+    order (deterministic): one step each, since a loop over splits or keys in a few programs was
+    latency-bound. The partials are laid out BLOCK_R rows apart (the partial kernel's tile, >= 16 for its
+    dots); the score blocks take only ROWS_R = next_pow2(G * N_Q) rows, so that MHA's single row does not
+    exponentiate 15 padding rows."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H_KV).to(tl.int64)
@@ -659,14 +672,16 @@ def _decode_reduce_kernel(Work, KM, Out, Scores,
     offs_s = tl.arange(0, BLOCK_S)
     part_s = (pid_bh.to(tl.int64) * NUM_SPLITS + offs_s) * BLOCK_R  # row 0 of each split's partials
     s_ok = offs_s < NUM_SPLITS                                      # split tail
-    key_blocks = tl.cdiv(N_K, BLOCK_N)
-    rows = G * N_Q
-    if pid < key_blocks:
-        _reduce_scores(Scores + pid_bh.to(tl.int64) * N_K, Lg + pid_bh.to(tl.int64) * rows * N_K, KM + b * skmb,
-                       skmn, Mp, Lp, part_s, s_ok, rows, pid * BLOCK_N, N_K, HAS_MASK=HAS_MASK, ROWS_R=ROWS_R,
-                       BLOCK_N=BLOCK_N)
-    else:                                                           # out row r = (query head g, query i)
+    r = pid                                                         # out row r = (query head g, query i)
+    if SCORES:
+        key_blocks = tl.cdiv(N_K, BLOCK_N)
         r = pid - key_blocks
+        rows = G * N_Q
+        if pid < key_blocks:
+            _reduce_scores(Scores + pid_bh.to(tl.int64) * N_K, Lg + pid_bh.to(tl.int64) * rows * N_K,
+                           KM + b * skmb, skmn, Mp, Lp, part_s, s_ok, rows, pid * BLOCK_N, N_K, HAS_MASK=HAS_MASK,
+                           ROWS_R=ROWS_R, BLOCK_N=BLOCK_N)
+    if r >= 0:
         h = (hkv * G + r // N_Q).to(tl.int64)
         _reduce_out_row(Out + b * sob + h * soh + (r % N_Q).to(tl.int64) * som, Ap, Mp, Lp, part_s + r, s_ok, sod,
                         HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
@@ -1036,6 +1051,35 @@ def _prefill_plan(q, k, v, key_mask, scale, causal, forward):
     return run
 
 
+def _dense_sdpa_ok(q, k, key_mask, causal):
+    """Whether this call is one dense attention makes through SDPA: on a CUDA GPU, no key mask, and a causal
+    mask only where Nq == Nk (SDPA's is top-left aligned, ours bottom-right)."""
+    return key_mask is None and q.is_cuda and (not causal or q.shape[2] == k.shape[2])
+
+
+def _forward_plan(q, k, v, key_mask, scale, causal, forward):
+    """run(q, k, v, key_mask) -> (out, None): a prefill without the score pass. On "auto", a call that dense
+    attention would make (_dense_sdpa_ok) goes to SDPA's default backend, K/V unrepeated, so that it costs
+    what dense prefill costs; anything else to kernel 1 (its lse written, never read), or to cuDNN's
+    forward where forced ("cudnn")."""
+    if forward == "auto" and _dense_sdpa_ok(q, k, key_mask, causal):
+        gqa = q.shape[1] != k.shape[1]
+        return lambda q, k, v, key_mask: (torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa), None)
+    if forward == "cudnn":
+        return lambda q, k, v, key_mask: (_fwd_cudnn(q, k, v, scale, causal)[0], None)
+    qk_scale = scale * _LOG2E.value
+    launch = _fwd_launch(q, k, v, key_mask, qk_scale, causal, _fwd_tile(q, k, v, key_mask, qk_scale, causal))
+    out_layout, lse_shape, dtype, device = _out_layout(q), tuple(q.shape[:3]), q.dtype, q.device
+
+    def run(q, k, v, key_mask):
+        out = torch.empty_strided(*out_layout, dtype=dtype, device=device)
+        lse = torch.empty(lse_shape, dtype=torch.float32, device=device)
+        _run((launch,), (q, k, v, _mask_tensor(key_mask, k), out, lse))
+        return out, None
+    return run
+
+
 _MIN_SPLIT = 16 if _INTERPRET else 256    # decode keys one program takes before they are split
 _MAX_SPLITS = 128                         # the reduce kernel combines at most this many splits at once
 
@@ -1069,9 +1113,10 @@ def _decode_fits(q, k):
                        _device(q)[0][2]) is not None
 
 
-def _decode_launches(q, k, v, key_mask, qk_scale, causal, tile):
+def _decode_launches(q, k, v, key_mask, qk_scale, causal, tile, scores=True):
     """Kernels 3 and 4 over (q, k, v, km, out, scores, work) of a decode call (one launch when one split
-    covers the keys), and the float32 workspace they need."""
+    covers the keys), and the float32 workspace they need. scores=False: no logits in the workspace, no
+    score blocks in the reduce kernel's grid, and out stands in for the scores (a pointer never written)."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -1088,38 +1133,40 @@ def _decode_launches(q, k, v, key_mask, qk_scale, causal, tile):
     share = _cdiv(max(_cdiv(nk, want), _MIN_SPLIT), block_n) * block_n       # keys a program takes, +- a block
     splits = _cdiv(nk, share)
     parts = b * hkv * splits * block_r if splits > 1 else 0        # one (batch, KV head, split, row) each
-    work = parts * (block_d + 2) + b * hkv * rows * nk
+    work = parts * (block_d + 2) + (b * hkv * rows * nk if scores else 0)
     out_stride = _out_layout(q)[1]
-    partial = _Launch(_decode_partial_kernel, (splits, b * hkv), (_Q, _K, _V, _KM, _WORK, _OUT, _SCORES),
+    scores_slot = _SCORES if scores else _OUT
+    partial = _Launch(_decode_partial_kernel, (splits, b * hkv), (_Q, _K, _V, _KM, _WORK, _OUT, scores_slot),
                       (*q.stride(), *k.stride(), *v.stride(), skmb, skmn, *out_stride,
                        hkv, g, nq, nk, splits, parts, qk_scale), warps, stages,
                       dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, CAUSAL=causal, HAS_MASK=has_mask,
-                           PREC=_prec(q.dtype), SINGLE=splits == 1, BLOCK_N=block_n))
+                           PREC=_prec(q.dtype), SINGLE=splits == 1, SCORES=scores, BLOCK_N=block_n))
     if splits == 1:
         return (partial,), work
     rows_r = _next_pow2(rows)
     red_n = _reduce_block_n(rows_r)
-    reduce = _Launch(_decode_reduce_kernel, (_cdiv(nk, red_n) + rows, b * hkv), (_WORK, _KM, _OUT, _SCORES),
+    key_blocks = _cdiv(nk, red_n) if scores else 0
+    reduce = _Launch(_decode_reduce_kernel, (key_blocks + rows, b * hkv), (_WORK, _KM, _OUT, scores_slot),
                      (*out_stride, skmb, skmn, hkv, g, nq, nk, splits, parts), 8, 3,
                      dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, ROWS_R=rows_r,
-                          BLOCK_S=max(16, _next_pow2(splits)), HAS_MASK=has_mask, BLOCK_N=red_n))
+                          BLOCK_S=max(16, _next_pow2(splits)), HAS_MASK=has_mask, SCORES=scores, BLOCK_N=red_n))
     return (partial, reduce), work
 
 
-def _decode_plan(q, k, v, key_mask, scale, causal, tile=None):
-    """run(q, k, v, key_mask) -> (out, scores) by the split-K decode kernels."""
+def _decode_plan(q, k, v, key_mask, scale, causal, tile=None, scores=True):
+    """run(q, k, v, key_mask) -> (out, scores) by the split-K decode kernels; (out, None) without scores."""
     if tile is None:
         shape_class = (_shape_class(k.shape[2]), k.shape[0] * k.shape[1], _decode_block_r(q, k))
         tile = _tile("decode", q, _block_d(q.shape[-1]), shape_class,
-                     lambda t: _decode_plan(q, k, v, key_mask, scale, causal, t)(q, k, v, key_mask))
-    launches, work = _decode_launches(q, k, v, key_mask, scale * _LOG2E.value, causal, tile)
+                     lambda t: _decode_plan(q, k, v, key_mask, scale, causal, t, scores)(q, k, v, key_mask))
+    launches, work = _decode_launches(q, k, v, key_mask, scale * _LOG2E.value, causal, tile, scores)
     out_layout, scores_shape, dtype, device = _out_layout(q), tuple(k.shape[:3]), q.dtype, q.device
 
     def run(q, k, v, key_mask):
         out = torch.empty_strided(*out_layout, dtype=dtype, device=device)
-        scores = torch.empty(scores_shape, dtype=torch.float32, device=device)
-        _run(launches, (q, k, v, _mask_tensor(key_mask, k), out, None, scores, _scratch(work, device)))
-        return out, scores
+        summed = torch.empty(scores_shape, dtype=torch.float32, device=device) if scores else None
+        _run(launches, (q, k, v, _mask_tensor(key_mask, k), out, None, summed, _scratch(work, device)))
+        return out, summed
     return run
 
 
@@ -1129,11 +1176,11 @@ def _decode(q, k, v, scale, causal, key_mask, tile=None):
 
 # ----------------------------------------------------------------------------------------------------
 # Plans. What a call launches follows from its inputs' metadata alone: shapes, strides, dtypes, device and
-# 16-byte alignment (which triton specialises on), with scale, causal and the route. A plan is made, and the
-# checks run, once per metadata; a later call with the same metadata (a decode step over a cache of static
-# shape, as cab_fast.CabCache's is after its cut) only allocates its outputs, binds pointers and launches.
-# A call of a new shape (a cache that grows by a key a step) makes a plan, its kernels found by
-# specialisation in _COMPILED. The _PLAN_LIMIT most recently made plans are kept.
+# 16-byte alignment (which triton specialises on), with scale, causal, the route and whether scores are
+# wanted. A plan is made, and the checks run, once per metadata; a later call with the same metadata (a decode
+# step over a cache of static shape, as cab_fast.CabCache's is after its cut) only allocates its outputs,
+# binds pointers and launches. A call of a new shape (a cache that grows by a key a step) makes a plan, its
+# kernels found by specialisation in _COMPILED. The _PLAN_LIMIT most recently made plans are kept.
 
 _PLANS = {}
 _PLAN_LIMIT = 256
@@ -1143,18 +1190,18 @@ def _metadata(t):
     return t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15
 
 
-def _plan(q, k, v, key_mask, scale, causal, route, validate):
+def _plan(q, k, v, key_mask, scale, causal, route, validate, scores):
     """The plan for this call's metadata: kept, or made after the checks (validate=True always checks)."""
     try:
         key = (*_metadata(q), *_metadata(k), *_metadata(v), None if key_mask is None else _metadata(key_mask),
-               type(scale), scale, causal, route)
+               type(scale), scale, causal, route, scores)
         plan = _PLANS.get(key)
     except (AttributeError, TypeError, RuntimeError):   # not tensors, an unhashable scale: the checks say
         key = plan = None
     if plan is None or validate:
         _check_inputs(q, k, v, key_mask, scale, validate)
     if plan is None:
-        plan = _new_plan(q, k, v, key_mask, scale, causal, route)
+        plan = _new_plan(q, k, v, key_mask, scale, causal, route, scores)
         if key is not None:
             if len(_PLANS) >= _PLAN_LIMIT:
                 _PLANS.pop(next(iter(_PLANS)), None)                # the oldest
@@ -1162,23 +1209,26 @@ def _plan(q, k, v, key_mask, scale, causal, route, validate):
     return plan
 
 
-def _new_plan(q, k, v, key_mask, scale, causal, route):
+def _new_plan(q, k, v, key_mask, scale, causal, route, scores):
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if nq == 0 or nk == 0 or b == 0:
-        return lambda q, k, v, key_mask: (torch.zeros_like(q),
-                                          torch.zeros(b, hkv, nk, dtype=torch.float32, device=q.device))
+        return lambda q, k, v, key_mask: (
+            torch.zeros_like(q), torch.zeros(b, hkv, nk, dtype=torch.float32, device=q.device) if scores else None)
     if route == "decode" or (route == "auto" and nq * (hq // hkv) <= DECODE_MAX_ROWS and _decode_fits(q, k)):
-        return _decode_plan(q, k, v, key_mask, scale, causal)
+        return _decode_plan(q, k, v, key_mask, scale, causal, scores=scores)
     forward = {"auto": "auto", "prefill": "triton", "cudnn": "cudnn"}[route]
+    if not scores:
+        return _forward_plan(q, k, v, key_mask, scale, causal, forward)
     return _prefill_plan(q, k, v, key_mask, scale, causal, forward)
 
 
-def _attention(q, k, v, *, scale=None, causal=True, key_mask=None, validate=False, route="auto"):
+def _attention(q, k, v, *, scale=None, causal=True, key_mask=None, validate=False, route="auto", scores=True):
     """attention() with the route exposed for tests and bench.py: "auto", "prefill" (Triton forward),
-    "cudnn" (vendor forward + score kernel), "decode" (split-K kernels)."""
-    return _plan(q, k, v, key_mask, scale, causal, route, validate)(q, k, v, key_mask)
+    "cudnn" (vendor forward + score kernel), "decode" (split-K kernels). scores=False: (out, None), and no
+    score work is launched (for caches whose policy does not rank by scores, see CabCache)."""
+    return _plan(q, k, v, key_mask, scale, causal, route, validate, scores)(q, k, v, key_mask)
 
 
 def attention(q, k, v, *, scale=None, causal=True, key_mask=None, validate=False):
@@ -1400,7 +1450,9 @@ class FastLayer(_ref.CabLayer):
         return self.bank.live + q, self.seen - self.bank.live
 
     def attend(self, query, attention_mask, scaling):
-        """One decode token against all C slots: out [B, Hq, 1, D]; scores accumulate in the slots.
+        """One decode token against all C slots: out [B, Hq, 1, D]; scores accumulate in the slots, unless
+        the cache's policy does not rank by them (EvictionLoop.reads_scores): then none are computed and the
+        slots' scores stay 0.
 
         The free slots and the padding differ per KV head, so the key mask is per (row, KV head): the heads
         are folded into the batch ([B * Hkv, G, 1, D] queries against [B * Hkv, 1, C, D] keys), the same
@@ -1413,13 +1465,14 @@ class FastLayer(_ref.CabLayer):
             self.padded = True
             new = _ref._as_bool_mask(attention_mask)[:, 0, -1, -1]           # (B,)
             self.valid.scatter_(2, self.slot, new[:, None, None].expand(b, hkv, 1))
-        out, scores = attention(query.reshape(b * hkv, hq // hkv, 1, d), self.keys.view(b * hkv, 1, cap, d),
-                                self.values.view(b * hkv, 1, cap, d), scale=scaling, causal=True,
-                                key_mask=self.valid.view(b * hkv, cap))
-        scores = scores.view(b, hkv, cap)
-        self.scores.add_(scores)
-        if "decode_scores" in self.evidence:                   # Delayed: attention received after the prompt
-            self.evidence["decode_scores"].add_(scores)
+        out, scores = _attention(query.reshape(b * hkv, hq // hkv, 1, d), self.keys.view(b * hkv, 1, cap, d),
+                                 self.values.view(b * hkv, 1, cap, d), scale=scaling, causal=True,
+                                 key_mask=self.valid.view(b * hkv, cap), scores=self.loop.reads_scores)
+        if scores is not None:
+            scores = scores.view(b, hkv, cap)
+            self.scores.add_(scores)
+            if "decode_scores" in self.evidence:               # Delayed: attention received after the prompt
+                self.evidence["decode_scores"].add_(scores)
         if self.index == len(self.bank.members) - 1:        # the last layer: the step is complete
             self.bank.end_step()
         return out.reshape(b, hq, 1, d)
@@ -1436,7 +1489,8 @@ class FastLayer(_ref.CabLayer):
 
 class CabCache(_ref.CabCache):
     """cab_reference.CabCache with per-slot buffers: same arguments, same evictions, and a decode step that
-    copies nothing and syncs nothing. Use attn_implementation="cab_fast".
+    copies nothing and syncs nothing. Use attn_implementation="cab_fast". Where the policy does not rank by
+    scores (reads_scores False), no attention call computes them, and the layers' scores stay 0.
 
     CUDA graphs: with evict_every=1 a decode step can be captured, and every replay is a decode step with
     its cut. With evict_every > 1 the cache refuses to be captured (RuntimeError at the capture): whether
@@ -1592,14 +1646,22 @@ class CabCache(_ref.CabCache):
 
 
 _reference_forward = _ref.make_attention_interface(attention)
+# The same adapter over attention without its scores, for caches whose policy does not rank by them. The
+# adapter also hands its function to the policy's evidence (after_attention's attention_fn): no such policy
+# calls it (test_fast_cache.py checks every one).
+_scoreless_forward = _ref.make_attention_interface(functools.partial(_attention, scores=False))
 
 
 def _cab_fast_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """attn_implementation="cab_fast": a FastLayer in the bank attends over its slots; everything else (the
-    prompt, multi-token calls, the reference's CabCache, no cache) takes the reference's adapter."""
+    prompt, multi-token calls, the reference's CabCache, no cache) takes the reference's adapter, without the
+    score pass where the cache's policy does not rank by scores."""
     layer = _ref._last_updated_layer
-    if not (isinstance(layer, FastLayer) and layer.keys is key):
+    if layer is None or layer.keys is not key:                      # no cache of ours
         return _reference_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    forward = _reference_forward if layer.loop.reads_scores else _scoreless_forward
+    if not isinstance(layer, FastLayer):                            # the reference's CabCache
+        return forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     cache = layer.loop
     if layer.bank is not None:
         if dropout and module.training:    # the reference's adapter checks this on every other path
@@ -1610,7 +1672,7 @@ def _cab_fast_forward(module, query, key, value, attention_mask, scaling=None, d
             cache.rollback()
             raise
     layer.padded = layer.padded or attention_mask is not None
-    out = _reference_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    out = forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     try:
         cache.after_reference_forward(layer)
     except BaseException:

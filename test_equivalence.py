@@ -27,6 +27,9 @@ BOTH sides' own ranking values for x and y differ by at most B[x] + B[y], B = th
 the bound to first order, and for CAB-like policies' median bridge a key o equally far from x and y within
 B[x] + B[y] + 2 B[o]. Evidence a side computes with its own attention (SnapKV's window, Bidirectional's,
 Delayed's decode scores) carries its calls' bounds the same way.
+Without scores (scores=False, for caches whose policy does not rank by them) the prefill and decode routes
+give the scoring call's out bit for bit, and a prefill that dense attention would make through SDPA is
+that SDPA call (that no score work is launched: test_fast_cache.py).
 """
 
 import concurrent.futures
@@ -105,6 +108,12 @@ def _score_tolerance(t_sc, y_sc, g):
     return 4 * (y_sc.double() - t_sc).abs() + 64 * 2.0 ** -24 * t_sc.abs() + 1e-6 * g
 
 
+def _out_errors(out, t_out, y_out, dtype):
+    """(error of out, error of the yardstick, tolerance) against the float64 truth t_out (the outputs' rule)."""
+    e_yard = (y_out.double() - t_out).abs().max().item()
+    return (out.double() - t_out).abs().max().item(), e_yard, 2 * e_yard + UNIT[dtype] * t_out.abs().max().item() + 1e-6
+
+
 def _check(q, k, v, *, causal=True, key_mask=None, route="auto", label="", decode_tile=None):
     if decode_tile is None:
         out, scores = cab_fast._attention(q, k, v, causal=causal, key_mask=key_mask, route=route)
@@ -115,9 +124,7 @@ def _check(q, k, v, *, causal=True, key_mask=None, route="auto", label="", decod
     t_out, t_sc = ref.attention(q.double(), k.double(), v.double(), causal=causal, key_mask=key_mask)
     y_out, y_sc = _yardstick(q, k, v, causal, key_mask)
     g = q.shape[1] // k.shape[1]
-    e_out = (out.double() - t_out).abs().max().item()
-    e_yard = (y_out.double() - t_out).abs().max().item()
-    tol_out = 2 * e_yard + UNIT[q.dtype] * t_out.abs().max().item() + 1e-6
+    e_out, e_yard, tol_out = _out_errors(out, t_out, y_out, q.dtype)
     e_sc = (scores.double() - t_sc).abs()
     tol_sc = _score_tolerance(t_sc, y_sc, g)
     print(f"{label} out: fast {e_out:.2e} torch-{str(q.dtype)[6:]} {e_yard:.2e} tol {tol_out:.2e} | "
@@ -147,6 +154,59 @@ def test_lengths(d, dtype, n, causal):
     _check(q, k, v, causal=causal, route="prefill", label=f"n={n} D={d} {dtype} causal={causal} prefill")
     nq = 1 if n > 1000 else _decode_rows(n, hq // hkv)
     _check(q[:, :, n - nq:], k, v, causal=causal, route="decode", label=f"  decode nq={nq}")
+
+
+# Without scores (caches whose policy does not rank by them): the same out, nothing else computed
+
+SCORELESS_CASES = [(d, dtype, n) for d, dtype in TILE_CASES
+                   for n in sorted({1, *(m for b in _blocks(d, dtype) for m in (b - 1, b, b + 1, 2 * b + 1))})]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("g", [1, 4])
+@pytest.mark.parametrize("d,dtype,n", SCORELESS_CASES)
+def test_scoreless_calls_give_the_same_out(d, dtype, n, g, causal, masked):
+    """scores=False returns (out, None): on the prefill and decode routes the same kernels' out, bit for bit,
+    as with scores (the score work is only left out); on "auto" on a GPU a prefill may take SDPA instead,
+    held to the outputs' rule against float64 like every out."""
+    q, k, v = peaked_qkv(2, 2 * g, 2, n, n, d, dtype, seed=n + g)
+    key_mask = left_padding_mask(2, n, [0, n // 3], device=DEV) if masked else None
+    calls = [("prefill", q), ("decode", q[:, :, n - _decode_rows(n, g):])] + ([("auto", q)] if GPU else [])
+    for route, qr in calls:
+        out, scores = cab_fast._attention(qr, k, v, causal=causal, key_mask=key_mask, route=route, scores=False)
+        assert scores is None and out.shape == qr.shape and out.dtype == qr.dtype
+        with_scores = cab_fast._attention(qr, k, v, causal=causal, key_mask=key_mask, route=route)[0]
+        if route != "auto":
+            assert torch.equal(out, with_scores), f"{route}: out differs from the scoring call's"
+        t_out = ref.attention(qr.double(), k.double(), v.double(), causal=causal, key_mask=key_mask)[0]
+        e_out, _, tol_out = _out_errors(out, t_out, _yardstick(qr, k, v, causal, key_mask)[0], qr.dtype)
+        assert e_out <= tol_out, f"{route}: output error {e_out} > {tol_out}"
+
+
+def test_scoreless_prefill_is_dense_sdpa(monkeypatch):
+    """Without scores, a prefill that dense attention would make through SDPA (a CUDA GPU, no key mask, a causal
+    mask only for Nq == Nk) is that very SDPA call, K/V unrepeated: the same bits, none of our kernels. On the
+    CPU, SDPA's CPU backend stands in (the CUDA condition is pretended). Scores or not, plans are apart."""
+    monkeypatch.setattr(cab_fast, "_PLANS", {})
+    n, dtype = (300, torch.bfloat16) if GPU else (80, torch.float32)     # n * G > DECODE_MAX_ROWS: not decode
+    q, k, v = peaked_qkv(1, 8, 2, n, n, 64, dtype, seed=31)
+    mask = left_padding_mask(1, n, [3], device=DEV)
+    dense_ok = cab_fast._dense_sdpa_ok
+    assert dense_ok(q, k, None, True) == GPU and dense_ok(q[:, :, 1:], k, None, False) == GPU
+    assert not dense_ok(q, k, mask, False) and not dense_ok(q[:, :, 1:], k, None, True)
+    cab_fast._attention(q, k, v)
+    if not GPU:
+        monkeypatch.setattr(cab_fast, "_dense_sdpa_ok", lambda *args: True)
+
+    def no_kernels(launches, tensors):
+        raise AssertionError(f"launched {[launch.kernel for launch in launches]}")
+    monkeypatch.setattr(cab_fast, "_run", no_kernels)
+    for causal in (True, False):
+        out, scores = cab_fast._attention(q, k, v, causal=causal, scores=False)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        assert scores is None and torch.equal(out, want)
+    assert len(cab_fast._PLANS) == 3                                # with scores, and two without
 
 
 # Nq < Nk: decode (1 query), speculative (a few), chunked prefill, across grouped-query ratios

@@ -10,6 +10,10 @@ the selection itself creates (padding, pooled priorities, equal positions) are e
 broken by the same rule, so with these inputs a different kept set means a bug, and the test prints the
 step, layer and both sets.
 
+A cache whose policy does not rank by scores (streaming, the question matchers given a question, fact_slots
+given token ids and sentence ends) skips the score pass: the reference's kept positions with its own scores
+left at 0, no score kernel launched, and no such policy's evidence asks for attention.
+
 On a GPU, more properties of the decode step: it never waits for the device (sync debug mode "error"); it
 can be captured in a CUDA graph whose replays give the eager steps' results (evict_every=1; with more, the
 capture raises and the cache goes on eagerly, also checked on the CPU with the capture check faked);
@@ -17,7 +21,9 @@ cuts replayed from the cut's own CUDA graph equal eager ones; and a dropped cach
 cache's capture.
 """
 
+import dataclasses
 import gc
+import itertools
 import sys
 from types import SimpleNamespace
 
@@ -27,10 +33,11 @@ import transformers
 
 import cab_fast
 import cab_reference as ref
-from testkit import GPU, forward, generate, prompts, tiny_model
+from testkit import GPU, forward, generate, make_qkv, prompts, tiny_model
 
 DEV = "cuda" if GPU else "cpu"
 PROMPT, QUESTION, STEPS = 24, (16, 22), 5
+BOUNDARIES = tuple(range(3, 97, 7))      # token ids taken for sentence ends: a sentence every ~7 tokens
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +89,80 @@ def test_same_tokens_and_kept_positions(model, policy, evict_every):
             assert cache.bank is not None and cache.bank.complete, "the decode steps did not run on the slots"
     assert torch.equal(runs["cab_fast"][0], runs["cab_reference"][0]), "generated tokens differ"
     assert_kept_equal(runs["cab_fast"][1], runs["cab_reference"][1])
+
+
+def with_boundaries(name):
+    """The policy `name`, given BOUNDARIES where it reads sentence ends."""
+    fields = {f.name for f in dataclasses.fields(ref.POLICY_TYPES[name])}
+    return ref.make_policy(name, **({"boundary_ids": BOUNDARIES} if "boundary_ids" in fields else {}))
+
+
+# (policy, with the question span, with the prompt's token ids): the caches that do not rank by scores, and
+# h2o, which does
+SCORE_READING_CASES = [("none", False, False), ("streaming", False, False), ("match_span", True, False),
+                       ("sentence_match", True, True), ("fact_slots", False, True), ("h2o", True, True)]
+
+
+@pytest.mark.parametrize("policy, question, token_ids", SCORE_READING_CASES)
+def test_scoreless_caches_keep_the_reference_positions_without_scores(model, policy, question, token_ids):
+    """A cache whose policy does not rank by scores skips the score pass: the reference's tokens and kept
+    positions after the prompt and every decode step, while its layers' scores stay 0; h2o's accumulate."""
+    ids, mask = left_padded_prompts()
+    kwargs = {"question_span": QUESTION if question else None, "token_ids": ids if token_ids else None}
+    runs = {}
+    for impl, module in (("cab_reference", ref), ("cab_fast", cab_fast)):
+        cache = module.CabCache(ref.EvictionConfig(policy=with_boundaries(policy), sparsity=0.5), **kwargs)
+        runs[impl] = generate_recording_kept(model, impl, cache, ids, mask)
+    assert cache.reads_scores == (policy == "h2o")
+    assert policy == "none" or (cache.bank is not None and cache.bank.complete), "the steps did not run on the slots"
+    for index, layer in enumerate(cache.layers):
+        assert bool(layer.scores.any()) == cache.reads_scores, f"layer {index}: scores {layer.scores.tolist()}"
+    assert torch.equal(runs["cab_fast"][0], runs["cab_reference"][0]), "generated tokens differ"
+    assert_kept_equal(runs["cab_fast"][1], runs["cab_reference"][1])
+
+
+def score_work(launch):
+    """Whether a kernel launch computes scores: the score pass, or a decode kernel not told SCORES=False."""
+    decode = launch.kernel in (cab_fast._decode_partial_kernel, cab_fast._decode_reduce_kernel)
+    return launch.kernel is cab_fast._score_kernel or (decode and launch.constexprs.get("SCORES", True))
+
+
+@pytest.mark.parametrize("policy", ["streaming", "h2o"])
+def test_scoreless_cache_launches_no_score_work(model, monkeypatch, policy):
+    """Skipped, not computed and ignored: through a prompt that takes the prefill kernels (40 tokens x 2 query
+    heads per KV head > DECODE_MAX_ROWS; left padding keeps it off SDPA on a GPU too) and decode steps on the
+    slots, a streaming cache launches the forward and decode kernels and no score work; h2o's does."""
+    launched, run = [], cab_fast._run
+    monkeypatch.setattr(cab_fast, "_run", lambda launches, tensors: launched.extend(launches) or run(launches, tensors))
+    ids, mask = prompts(2, 40, pad=5, vocab=97, device=DEV)
+    cache = cab_fast.CabCache(ref.EvictionConfig(policy=policy, sparsity=0.5))
+    generate(model, "cab_fast", ids, mask, cache, steps=3)
+    kernels = {launch.kernel for launch in launched}
+    assert {cab_fast._fwd_kernel, cab_fast._decode_partial_kernel} <= kernels and cache.bank is not None
+    assert any(map(score_work, launched)) == (policy == "h2o")
+
+
+def test_scoreless_policies_never_ask_attention_for_evidence():
+    """The scoreless adapter hands a policy's evidence an attention function that returns no scores. Every
+    policy that does not rank by scores, with or without a question and the prompt's token ids, gathers its
+    evidence without calling it."""
+    n = PROMPT
+    q, k, v = make_qkv(1, 4, 2, n, n, 16, seed=3)
+    ids = prompts(1, n, vocab=97)[0]
+    question = torch.zeros(1, n, dtype=torch.bool)
+    question[:, QUESTION[0]:QUESTION[1]] = True
+
+    def no_attention(*args, **kwargs):
+        raise AssertionError("the evidence called attention_fn")
+    checked = set()
+    for name, has_question, has_ids in itertools.product(ref.POLICY_TYPES, (False, True), (False, True)):
+        policy = with_boundaries(name)
+        if policy.ranks_by_scores(has_question, has_ids) or (policy.needs_question and not has_question):
+            continue
+        ref.prompt_evidence(q, k, v, ref.EvictionConfig(policy=policy), attention_fn=no_attention,
+                            question_mask=question if has_question else None, token_ids=ids if has_ids else None)
+        checked.add(name)
+    assert {"none", "streaming", "hybrid_semantic", "match_span", "sentence_match", "fact_slots"} <= checked
 
 
 def decode_loop(model, impl, cache, chunks):
@@ -162,10 +243,11 @@ def test_dead_cache_keeps_its_graph_through_a_capture(model, monkeypatch):
         gc.enable()
 
 
-@pytest.mark.parametrize("policy, evict_every", [("h2o", 1), ("snapkv", 2)])
+@pytest.mark.parametrize("policy, evict_every", [("h2o", 1), ("snapkv", 2), ("streaming", 1)])
 def test_multi_token_calls_after_the_cut(model, policy, evict_every):
     """A 5-token question appended to a compressed cache (and a 3-token chunk after it) takes the
-    position-ordered path and comes back to the slots: the same kept positions and logits as the reference."""
+    position-ordered path and comes back to the slots: the same kept positions and logits as the reference
+    (streaming: on both paths without scores)."""
     g = torch.Generator().manual_seed(7)
     chunks = [torch.randint(3, 97, (1, n), generator=g) for n in (PROMPT, 5, 3)]
     results = {}
@@ -284,11 +366,12 @@ def test_capture_with_evict_every_above_1_raises_and_leaves_the_cache_as_it_was(
 
 
 @pytest.mark.skipif(not GPU, reason="CUDA graphs need a CUDA GPU")
-def test_decode_step_replays_in_a_cuda_graph(model):
+@pytest.mark.parametrize("policy", ["cab", "streaming"])
+def test_decode_step_replays_in_a_cuda_graph(model, policy):
     """Capture one decode step (model forward + cache write + attention + cut) and replay it: the same
-    logits, kept positions and cached keys as eager steps on an identical cache."""
+    logits, kept positions and cached keys as eager steps on an identical cache (streaming: without scores)."""
     ids, mask = left_padded_prompts(batch=2)
-    caches = [cab_fast.CabCache(ref.EvictionConfig(policy="cab", sparsity=0.5)) for _ in range(2)]
+    caches = [cab_fast.CabCache(ref.EvictionConfig(policy=policy, sparsity=0.5)) for _ in range(2)]
     for cache in caches:
         out, _ = generate(model, "cab_fast", ids, mask, cache, steps=2)
     eager, graphed = caches

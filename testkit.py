@@ -525,7 +525,8 @@ def compiled_resources(launch, tensors, capability):
 def chosen_tile_resources(capability, shared, cases, candidates=False):
     """compiled_resources of every kernel launch cab_fast makes, at the tiles it chooses on a GPU of this
     capability and shared memory per block, for cases [(head dim, dtype name)]: the forward; the score pass
-    by pointer loads and, where it would, by TMA; the decode kernels with 16 and 64 rows, one split and many.
+    by pointer loads and, where it would, by TMA; the decode kernels with 16 and 64 rows, one split and many,
+    and without scores.
     candidates: also the decode kernel at 64 rows from every candidate tile (autotuning's choice), for the
     first case. Run without TRITON_INTERPRET (the kernels must be triton's compilable functions)."""
     import cab_fast
@@ -553,13 +554,13 @@ def _call_tensors(d, dtype, hq, hkv, nq, nk):
             t(1, hq, nq, dt=torch.float32), t(1, hkv, nk, dt=torch.float32), t(16, dt=torch.float32))
 
 
-def _decode_launches(cab_fast, d, dtype, tile, rows, nk):
+def _decode_launches(cab_fast, d, dtype, tile, rows, nk, scores=True):
     """The decode launches of one KV head with `rows` query heads, where the decode kernels take them."""
     tensors = _call_tensors(d, dtype, rows, 1, 1, nk)
     q, k, v, km = tensors[:4]
     if cab_fast._decode_fits(q, k):
-        for launch in cab_fast._decode_launches(q, k, v, km, 0.1, True, tile)[0]:
-            yield f"{launch.kernel.__name__} {rows} rows {tile}", launch, tensors
+        for launch in cab_fast._decode_launches(q, k, v, km, 0.1, True, tile, scores)[0]:
+            yield f"{launch.kernel.__name__} {rows} rows {tile}" + " no scores" * (not scores), launch, tensors
 
 
 def _kernel_launches(cab_fast, d, dtype, tiles):
@@ -574,3 +575,4 @@ def _kernel_launches(cab_fast, d, dtype, tiles):
             yield "score" + " (TMA)" * score.constexprs["Q_TMA"], score, tensors
     for rows, nk in ((16, 65536), (64, 200), (64, 65536)):
         yield from _decode_launches(cab_fast, d, dtype, tiles["decode"], rows, nk)
+    yield from _decode_launches(cab_fast, d, dtype, tiles["decode"], 64, 65536, scores=False)
