@@ -5,12 +5,18 @@
   set here, before any test module is collected.
 - `--slow` runs the tests marked `slow` (long hypothesis runs); they are skipped by default.
 - Helpers shared by the test files (oracle, tiny models, policy cases and keep promises, near ties,
-  the bad-input table) are plain functions in testkit.py, imported where used.
+  the bad-input table) are plain functions in tests/testkit.py, imported where used; tests import the suite
+  generators (suites/) and the tensor-parallel check (bench/) by module name too, so those folders go on
+  sys.path here.
 """
 
 import os
+import sys
 
 import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(ROOT, folder) for folder in ("tests", "suites", "bench")]
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -3,8 +3,8 @@
     python diagnose.py                          # the embedded SmolLM2-135M-Instruct, a built-in QA prompt
     python diagnose.py --policy h2o match_span --layers
     python diagnose.py --html ranks.html        # tokens shaded by score, kept/evicted marked, per policy
-    python diagnose.py --suite qa_suite.jsonl --sparsity 0.9 --limit 5 --results run.jsonl
-    python diagnose.py --suite qa_suite.jsonl --question-after-cut    # the question arrives after the cut
+    python diagnose.py --suite suites/qa_suite.jsonl --sparsity 0.9 --limit 5 --results run.jsonl
+    python diagnose.py --suite suites/qa_suite.jsonl --question-after-cut    # the question arrives after the cut
 
 How a run works. Every argument and input file is checked first: a mistake is one line naming the
 argument, exit code 2, before the ~25 s model load. The prompt (context + question in the model's chat

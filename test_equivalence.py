@@ -687,8 +687,10 @@ def _compiled(job):
     arch, d, dtype, candidates = job
     code = (f"import json, testkit; print(json.dumps(testkit.chosen_tile_resources({arch}, {ARCH_SHARED[arch]}, "
             f"[({d}, {dtype!r})], candidates={candidates})))")
+    root = os.path.dirname(os.path.abspath(__file__))
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
+    env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "tests")])          # cab_fast, testkit
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
                          capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.splitlines()[-1])

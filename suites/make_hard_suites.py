@@ -1,6 +1,6 @@
 """Write the hard QA suites: bridge (two-hop), paraphrase and a held-out lexical set, for diagnose.py --suite.
 
-    python make_hard_suites.py            # bridge_suite.jsonl, paraphrase_suite.jsonl, lexical_suite.jsonl
+    python suites/make_hard_suites.py     # suites/{bridge,paraphrase,lexical}_suite.jsonl
 
 Deterministic (fixed seeds, no downloads). Items carry qa_suite.jsonl's fields (id, context, question,
 answer, depth) plus "setting" ("bridge" | "paraphrase" | "lexical"), which diagnose.py groups its tables by.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 
@@ -298,7 +299,7 @@ def main():
                         choices=["bridge", "paraphrase", "lexical"])
     args = parser.parse_args()
     for setting in args.settings:
-        path = f"{setting}_suite.jsonl"
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{setting}_suite.jsonl")
         with open(path, "w") as f:
             for item in make_suite(setting, args.n, args.seed):
                 f.write(json.dumps(item) + "\n")

@@ -9,9 +9,9 @@ import pytest
 
 import diagnose
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-FIXTURE = os.path.join(HERE, "suites", "fixture")
-_spec = importlib.util.spec_from_file_location("make_real_suites", os.path.join(HERE, "suites", "make_real_suites.py"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository root
+FIXTURE = os.path.join(ROOT, "suites", "fixture")
+_spec = importlib.util.spec_from_file_location("make_real_suites", os.path.join(ROOT, "suites", "make_real_suites.py"))
 real = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(real)
 

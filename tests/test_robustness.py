@@ -57,7 +57,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 needs_fast = pytest.mark.skipif(not FAST_OK, reason="cab_fast unavailable (no CUDA and no TRITON_INTERPRET)")
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository root
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -400,7 +400,7 @@ def test_direct_launch_only_under_the_triton_releases_it_was_run_on():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}      # compiled kernels, not the interpreter
     for version, direct in (("3.6.0", True), ("3.9.0", False)):
         code = f"import triton; triton.__version__ = {version!r}; import cab_fast; print(cab_fast._DIRECT_LAUNCH)"
-        run = subprocess.run([sys.executable, "-c", code], env=env, cwd=HERE, capture_output=True, text=True,
+        run = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
                              timeout=300)
         assert run.stdout.strip() == str(direct), (version, run.stderr[-2000:])
 

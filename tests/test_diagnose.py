@@ -23,7 +23,7 @@ import diagnose
 import make_qa_suite
 from cab_reference import CabCache, EvictionConfig, MatchSpan, select_kept, select_parts
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository root
 ITEMS = [
     {"id": "a", "context": diagnose.DEFAULT_CONTEXT, "question": diagnose.DEFAULT_QUESTION,
      "answer": diagnose.DEFAULT_ANSWER},
@@ -212,8 +212,8 @@ def test_help_lists_every_policys_knobs():
 
 
 def subprocess_diagnose(args, **kwargs):
-    env = dict(os.environ, PYTHONPATH=HERE)
-    return subprocess.Popen([sys.executable, os.path.join(HERE, "diagnose.py"), *args], cwd=HERE, env=env,
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "diagnose.py"), *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
@@ -548,13 +548,13 @@ def test_answer_scoring():
 
 def test_shipped_suite_is_what_the_generator_writes():
     items = make_qa_suite.make_suite()
-    with open(os.path.join(HERE, "qa_suite.jsonl")) as f:
+    with open(os.path.join(ROOT, "suites", "qa_suite.jsonl")) as f:
         shipped = [json.loads(line) for line in f]
     assert shipped == items and len(items) >= 30
     for item in items:
         assert item["answer"] in item["context"] and 1 <= len(item["answer"].split()) <= 3
         assert 0.05 <= item["depth"] <= 0.95
-    assert len(diagnose.read_suite([os.path.join(HERE, "qa_suite.jsonl")])) == len(items)
+    assert len(diagnose.read_suite([os.path.join(ROOT, "suites", "qa_suite.jsonl")])) == len(items)
 
 
 def test_colour_only_on_a_terminal(monkeypatch):

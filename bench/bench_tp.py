@@ -1,6 +1,6 @@
 """Tokens/s and KV-cache memory per GPU: one GPU vs two (tensor parallel), dense vs 90% eviction.
 
-    torchrun --nproc-per-node 2 bench_tp.py            (--prompt 32768 --steps 32 --layers 8 --json)
+    torchrun --nproc-per-node 2 bench/bench_tp.py            (--prompt 32768 --steps 32 --layers 8 --json)
 
 A random Llama-shaped model in bf16 (bench.py's end-to-end shape: hidden 2048, 16 query heads and 4 KV
 heads of dim 128, vocab 32000) is saved once, loaded whole on GPU 0 (rank 0 alone; the other ranks
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shutil
 import sys
 import time
@@ -28,8 +29,9 @@ import warnings
 import torch
 import torch.distributed as dist
 
-import cab_reference as ref
-from tp_check import join_ranks, shared_temp_dir
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository root
+import cab_reference as ref  # noqa: E402
+from tp_check import join_ranks, shared_temp_dir  # noqa: E402
 
 VOCAB = 32000
 

@@ -1,6 +1,6 @@
 """Eviction under transformers tensor parallelism agrees with one GPU: the two-GPU check.
 
-    torchrun --nproc-per-node 2 tp_check.py            (exits 0 with a message on fewer than two GPUs)
+    torchrun --nproc-per-node 2 bench/tp_check.py            (exits 0 with a message on fewer than two GPUs)
 
 A randomly initialised Llama-shaped model with grouped-query attention (8 query heads, 4 KV heads, so
 each of two ranks holds 2 KV heads of every layer) is saved to a temporary directory and loaded on every
@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-import cab_reference as ref
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository root
+import cab_reference as ref  # noqa: E402
 
 NEAR_TIE = 1e-3          # float32 runs: a generated token may differ where the top-2 logit gap is below this
 POSITION_SLACK = 0.01    # float32 runs: share of kept positions that may differ (swapped near-tied scores)

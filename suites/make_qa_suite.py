@@ -1,6 +1,6 @@
-"""Write qa_suite.jsonl: synthetic extractive-QA items for `python diagnose.py --suite qa_suite.jsonl`.
+"""Write qa_suite.jsonl: synthetic extractive-QA items for `python diagnose.py --suite suites/qa_suite.jsonl`.
 
-Deterministic (a fixed seed, no downloads): `python make_qa_suite.py` rewrites the same file. Each item
+Deterministic (a fixed seed, no downloads): `python suites/make_qa_suite.py` rewrites the same file. Each item
 hides one needle fact among filler sentences and 2-4 distractor facts of the same type (same sentence
 pattern, different entity and attribute), at a depth of 10-90% of the context. The question asks for the
 needle's entity by its attribute; the answer is 1-3 words that occur verbatim in the needle.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 
 FILLER = [
@@ -121,7 +122,8 @@ def make_suite(n: int = 40, seed: int = 0):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="qa_suite.jsonl", help="output file (default: qa_suite.jsonl)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "qa_suite.jsonl"),
+                        help="output file (default: qa_suite.jsonl beside this script)")
     parser.add_argument("-n", type=int, default=40, help="number of items (default: 40)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     args = parser.parse_args()

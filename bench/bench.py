@@ -1,11 +1,11 @@
 """Benchmarks for cab_fast on a CUDA GPU: every figure measured side by side in the same run.
 
-    python bench.py            # table
-    python bench.py --json     # the same rows as JSON (one object) on stdout
-    python bench.py --quick    # fewer sizes (a smoke run)
-    python bench.py --autotune # first time every candidate tile of cab_fast's kernels at the bench sizes,
+    python bench/bench.py            # table
+    python bench/bench.py --json     # the same rows as JSON (one object) on stdout
+    python bench/bench.py --quick    # fewer sizes (a smoke run)
+    python bench/bench.py --autotune # first time every candidate tile of cab_fast's kernels at the bench sizes,
                                # print the winners as a tile table (for cab_fast._TILES) and use them here
-    CAB_AUTOTUNE=1 python bench.py   # cab_fast tunes each shape class on its first call instead
+    CAB_AUTOTUNE=1 python bench/bench.py   # cab_fast tunes each shape class on its first call instead
 
 Times are medians of triton.testing.do_bench (CUDA events, warm-up first). Correctness lives in
 test_equivalence.py; this file only checks that the fast path's outputs are finite before timing.
@@ -27,7 +27,9 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-import cab_reference as ref
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository root: cab_reference, cab_fast
+sys.path.insert(0, ROOT)
+import cab_reference as ref  # noqa: E402
 
 cab_fast = None          # imported in main(), after the CUDA check
 
@@ -253,7 +255,7 @@ def bench_first_call():
         env = {**os.environ, "TRITON_CACHE_DIR": cache}
         for label in ("cold", "warm"):
             res = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, capture_output=True, text=True,
-                                 timeout=300)
+                                 timeout=300, cwd=ROOT)
             if res.returncode:
                 raise RuntimeError(f"first-call subprocess failed:\n{res.stderr[-2000:]}")
             r = _row("first_call", cache=label, **json.loads(res.stdout.strip().splitlines()[-1]))
