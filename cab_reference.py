@@ -446,7 +446,7 @@ BRIDGE_MODES = ("median", "connectivity", "curvature")
 @dataclass(frozen=True)
 class CAB(Policy):
     """CAB: three parts of the budget, in this order:
-      local (recent) = int(K * recent_ratio) most recent tokens,
+      local (recent) = int(K * recent_ratio) most recent tokens (at least 1, as H2O),
       importance     = K - local - bridge heavy hitters by accumulated score (as in H2O),
       bridge         = int(K * bridge_ratio) tokens that connect the others, by `bridge` mode:
                        "median" (accumulated score closest to the median of the rest, O(N)),
@@ -480,7 +480,8 @@ class CAB(Policy):
         return self.split(scores, k, context, self.recent_ratio, self.bridge_ratio)
 
     def split(self, scores, k, context, recent_ratio, bridge_ratio):
-        local, bridge = int(k * recent_ratio), int(k * bridge_ratio)
+        local = min(k, max(1, int(k * recent_ratio)))                       # at least the newest token, as H2O
+        bridge = min(int(k * bridge_ratio), k - local)
         if self.bridge == "median":
             bridge_priority = median_bridge(scores)
         elif self.bridge == "connectivity":

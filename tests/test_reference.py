@@ -385,6 +385,17 @@ def test_dynamic_local_splits_per_batch_row(per_head):
                                                                         per_head=per_head)))
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("policy", [R.CAB(), R.CAB(recent_ratio=0.0, bridge_ratio=1.0), R.DynamicLocal()],
+                         ids=["cab", "cab-all-bridge", "dynamic_local"])
+def test_cab_keeps_the_newest_token_at_tiny_budgets(policy, k):
+    """CAB's local share is at least one token, as H2O's recent share: int(K * 0.3) is 0 for K <= 3, and the
+    newest token (here the lowest score, the farthest from the median) must not be the one evicted."""
+    scores = torch.arange(10, 0, -1, dtype=torch.float32).expand(1, 2, 10)    # the newest token scores least
+    kept = select_kept(scores, EvictionConfig(policy=policy, budget=k), question_mask=question_mask(1, 10))
+    assert all(9 in row for row in kept[0].tolist()), kept.tolist()
+
+
 def test_match_span_without_a_question_is_h2o_with_sinks():
     scores = torch.rand(1, 1, 50, generator=torch.Generator().manual_seed(1))
     selection = select_parts(scores, EvictionConfig(policy=R.MatchSpan(sinks=2, recent_ratio=0.2), budget=10))

@@ -270,9 +270,9 @@ def protected(policy, k, *, question_at_end=True):
     if kind is R.SnapKV:
         return 0, min(policy.window, k // 2)
     if kind is R.CAB:
-        return 0, int(k * policy.recent_ratio)
+        return 0, recent_share(policy.recent_ratio)
     if kind is R.DynamicLocal:
-        return 0, int(k * (policy.qa_recent_ratio if question_at_end else policy.recent_ratio))
+        return 0, recent_share(policy.qa_recent_ratio if question_at_end else policy.recent_ratio)
     if kind in (R.H2O, R.QuestionAware, R.Bidirectional, R.Delayed, R.HybridSemantic):
         return 0, recent_share(policy.recent_ratio)
     raise AssertionError(f"protected(): no keep promise written down for {kind.__name__}; add it here")
