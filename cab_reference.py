@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import ClassVar, NamedTuple
@@ -1059,17 +1059,38 @@ POLICY_TYPES = {cls.name: cls for cls in (Dense, StreamingLLM, H2O, SnapKV, CAB,
                                           FactSlots)}
 
 
+class PolicyNames(Sequence):
+    """POLICY_TYPES' names as a read-only tuple-like view, always current: a `from cab_reference import
+    POLICIES` sees the policies registered later too."""
+
+    def __getitem__(self, index):
+        return tuple(POLICY_TYPES)[index]
+
+    def __len__(self):
+        return len(POLICY_TYPES)
+
+    def __eq__(self, other):
+        return tuple(self) == tuple(other) if isinstance(other, (tuple, list, PolicyNames)) else NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self):
+        return repr(tuple(self))
+
+
+POLICIES = PolicyNames()           # the names: "none", "streaming", "h2o", "snapkv", "cab", ...
+
+
 def register_policy(cls):
-    """Add a Policy subclass to POLICY_TYPES (and so to POLICIES); usable as a class decorator."""
+    """Add a Policy subclass to POLICY_TYPES (and so to POLICIES); usable as a class decorator. A name
+    already taken (a built-in's too) is a ValueError: nothing is replaced silently."""
     if not (isinstance(cls, type) and issubclass(cls, Policy) and cls.name):
         raise TypeError(f"register_policy: expected a Policy subclass with a name, got {cls!r}")
+    if cls.name in POLICY_TYPES:
+        raise ValueError(f"register_policy: the name {cls.name!r} is taken by {POLICY_TYPES[cls.name].__name__}; "
+                         f"give {cls.__name__} another name")
     POLICY_TYPES[cls.name] = cls
-    global POLICIES
-    POLICIES = tuple(POLICY_TYPES)
     return cls
-
-
-POLICIES = tuple(POLICY_TYPES)     # the names: "none", "streaming", "h2o", "snapkv", "cab", ...
 
 
 def make_policy(name: str, **knobs) -> Policy:

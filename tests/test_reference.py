@@ -199,6 +199,7 @@ def test_eviction_config_rejects_what_is_not_a_policy(policy):
 def test_register_policy_adds_one_place(monkeypatch):
     monkeypatch.setattr(R, "POLICY_TYPES", dict(R.POLICY_TYPES))
     monkeypatch.setattr(R, "POLICIES", R.POLICIES)
+    imported = R.POLICIES                      # as `from cab_reference import POLICIES` holds it
 
     @R.register_policy
     @dataclasses.dataclass(frozen=True)
@@ -210,11 +211,26 @@ def test_register_policy_adds_one_place(monkeypatch):
             return [R.Part("oldest", k, -R.recency(scores))]
 
     assert R.POLICIES[-1] == "tst_oldest" and R.make_policy("tst_oldest") == Oldest()
+    assert imported[-1] == "tst_oldest" and imported == tuple(R.POLICY_TYPES)     # importers see it too
     kept = select_kept(torch.rand(1, 2, 10), EvictionConfig(policy="tst_oldest", budget=3))
     assert kept.tolist() == [[[0, 1, 2], [0, 1, 2]]]
     for bad in (int, R.Policy, "h2o"):         # not a subclass; the base class has no name
         with pytest.raises(TypeError, match="register_policy"):
             R.register_policy(bad)
+
+
+def test_register_policy_refuses_a_name_already_taken(monkeypatch):
+    monkeypatch.setattr(R, "POLICY_TYPES", dict(R.POLICY_TYPES))
+
+    @dataclasses.dataclass(frozen=True)
+    class Impostor(R.H2O):
+        """H2O under another class."""
+
+    for taken in ("h2o", "none"):
+        Impostor.name = taken
+        with pytest.raises(ValueError, match=f"'{taken}'.*taken"):
+            R.register_policy(Impostor)
+        assert R.POLICY_TYPES[taken] is not Impostor
 
 
 @pytest.mark.parametrize("kwargs,word", [
