@@ -1531,8 +1531,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 # transformers passes the attention function neither the cache nor its layer (generate() rejects extra
-# keyword arguments), so update() leaves its layer here and the attention call that follows picks it up;
-# the keys' identity confirms the pairing.
+# keyword arguments), so update() leaves its layer here (and marks it awaits_attention) and the attention
+# call that follows picks it up; that call must get the very keys update() returned.
 _last_updated_layer = None
 
 
@@ -1544,13 +1544,14 @@ class CabLayer(LayerState, DynamicLayer):
     def __init__(self, loop):
         DynamicLayer.__init__(self)
         LayerState.__init__(self, loop)
+        self.awaits_attention = False      # updated, and its attention call not made yet
 
     def update(self, key_states, value_states, *args, **kwargs):
         global _last_updated_layer
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             self.keys = self.values = None
-        _last_updated_layer = self
+        _last_updated_layer, self.awaits_attention = self, True
         return self.append(key_states, value_states)
 
     def get_seq_length(self) -> int:
@@ -1690,7 +1691,15 @@ def make_attention_interface(attention_fn: AttentionFn, *, validate: bool = Fals
             raise ValueError(f"dropout: cab attention has no dropout, got {dropout} in training mode")
         nq, nk = query.shape[2], key.shape[2]
         mask = None if attention_mask is None else _as_bool_mask(attention_mask)
-        layer = _last_updated_layer if _last_updated_layer is not None and _last_updated_layer.keys is key else None
+        layer = _last_updated_layer if getattr(_last_updated_layer, "awaits_attention", False) else None
+        if layer is not None:
+            layer.awaits_attention = False
+            if layer.keys is not key:
+                index = next(i for i, other in enumerate(layer.loop.layers) if other is layer)
+                layer.loop.rollback()
+                raise RuntimeError(f"CabCache: layer {index} was updated (cache.update) but its attention call got "
+                                   f"other keys than update() returned (the model changed them in between: a copy, "
+                                   f"a cast, a repeat?); the cache can neither count their scores nor evict")
         if layer is None:          # no CabCache: keys line up with the library's mask
             key_mask = None if mask is None else mask[:, 0, -1, :]
         else:                      # slots were evicted: the layer knows which hold real tokens

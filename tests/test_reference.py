@@ -810,6 +810,33 @@ def test_attention_interface_refuses_what_it_cannot_honour():
         layer.crop(1)
 
 
+def test_keys_changed_between_update_and_attention_is_an_error():
+    """A model that changes the keys between cache.update() and the attention call (a copy, a cast, a
+    repeat) would attend with no eviction and no scores: the attention call raises instead, naming the
+    layer, and leaves the cache as before the forward; plain calls with no cache still work after it."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    inner = R.make_attention_interface(attention)
+
+    def copying(module, query, key, value, attention_mask, **kwargs):
+        return inner(module, query, key.clone(), value, attention_mask, **kwargs)
+
+    AttentionInterface.register("tst_copying_keys", copying)
+    AttentionMaskInterface.register("tst_copying_keys", sdpa_mask)
+    model = tiny_model("llama")
+    ids, mask = prompts(1)
+    cache = CabCache(EvictionConfig(policy="h2o", budget=8))
+    with pytest.raises(RuntimeError, match="layer 0.*update.*other keys"):
+        generate(model, "tst_copying_keys", ids, mask, cache, steps=2)
+    assert cache.get_seq_length() == 0
+    q, k, v = make_qkv(1, 4, 2, 6, 6, 8)
+    out, _ = inner(FakeModule(), q, k, v, None)                               # no cache: no pairing
+    torch.testing.assert_close(out, attention(q, k, v)[0].transpose(1, 2))
+    dense, _ = generate(model, "sdpa", ids, mask, steps=2)
+    tokens, _ = generate(model, "cab_reference", ids, mask, CabCache(EvictionConfig(policy="none")), steps=2)
+    assert tokens.tolist() == dense.tolist()
+
+
 def test_fill_parts_refuses_parts_larger_than_the_tokens():
     parts = [R.Part("a", 3, torch.rand(1, 1, 4)), R.Part("b", 2, torch.rand(1, 1, 4))]
     with pytest.raises(RuntimeError, match="5 tokens out of 4"):
