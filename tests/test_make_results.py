@@ -91,6 +91,20 @@ def test_bench_summary_keeps_numbers_and_provenance_and_renders_every_section(tm
     assert "| dense generate() per token: all / model.forward / outside it (ms) | 40.0 / 37.0 / 3.00 |" in md
 
 
+def test_tensor_parallel_rows_from_bench_tp(tmp_path):
+    lines = ["# NVIDIA H100 80GB HBM3 x2, 2026-12-07, torch 2.11.0+cu130: bench_tp.py, prompt 32768, 8 layers, 32 "
+             "decode steps"]
+    lines += [json.dumps({"config": "dense", "gpus": gpus, "prefill_s": 0.1 * gpus, "tokens_per_s": 16.0,
+                          "kv_cache_mib_per_gpu": 512.5 / gpus, "peak_mib_per_gpu": 2096.0}) for gpus in (1, 2)]
+    path = write(tmp_path / "tp.jsonl", "\n".join(lines) + "\n")
+    code, md = run_main(tmp_path, "--tp", path, "--commit", "abc1234", "--transformers", "5.17.0")
+    assert code == 0
+    s = summary(tmp_path, "tensor_parallel")
+    assert s["provenance"]["device"] == "2x NVIDIA H100 80GB HBM3" and s["provenance"]["date"] == "2026-12-07"
+    assert [r["gpus"] for r in s["rows"]] == [1, 2]
+    assert "## Tensor parallelism" in md and "| dense | 2 | 0.200 | 16.0 | 256.2 | 2,096 |" in md
+
+
 def suite_lines(after=False):
     """Two items, two policies, sparsity 0.9; item b's context does not help (benefit None); item texts are
     distinctive so that a leak would be found."""
