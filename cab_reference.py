@@ -352,8 +352,9 @@ class SnapKV(Policy):
     """SnapKV: the prompt's last `window` queries already "know" what the answer will need. Keep that
     window, and rank the rest by the window's attention max-pooled over `pool` neighbours (so a
     neighbourhood survives, not isolated tokens). The kept window is clamped to half the budget: a
-    window larger than K would keep nothing else. After the prompt, decode-time evictions pool the
-    accumulated scores instead (the window's evidence is for prompt tokens only)."""
+    window larger than K would keep nothing else. Decode-time evictions keep ranking by the prompt's
+    window evidence, pooled over the slots left: a generated token has none (0), so it stays while
+    recent or while pooling lends it a kept neighbour's evidence."""
     name: ClassVar[str] = "snapkv"
     window: int = 16               # observation window: the last prompt queries
     pool: int = 7                  # max-pool width over neighbouring positions (odd)
@@ -569,7 +570,8 @@ def bidirectional_scores(q, k, v, *, scale=None, key_mask=None, attention_fn: At
 class Bidirectional(Policy):
     """Fix 2, bidirectional scoring. Fixes: a causal context token is only judged by the tokens before
     it, never by the question after it. Changes: heavy hitters by a non-causal pass over the prompt
-    (bidirectional_scores), plus the recent window; decode-time evictions use the causal scores.
+    (bidirectional_scores), plus the recent window. Decode-time evictions keep ranking by the prompt's
+    pass: a generated token has none (0) and stays only while recent.
     Still fails (NOTES.md): the extra mass still lands on sinks and on the question's own words."""
     name: ClassVar[str] = "bidirectional"
     recent_ratio: float = 0.2

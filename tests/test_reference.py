@@ -548,6 +548,30 @@ def test_a_failing_forward_rolls_back_every_layer(config, step, layer):
     assert_same_state(state(broken), state(clean))
 
 
+@pytest.mark.parametrize("policy", [R.SnapKV(window=4, pool=1), R.SnapKV(window=4), R.Bidirectional()],
+                         ids=["snapkv-unpooled", "snapkv", "bidirectional"])
+def test_decode_evictions_rank_by_the_prompts_evidence(policy):
+    """After the prompt, SnapKV and Bidirectional keep ranking by the prompt's evidence (the window's or the
+    non-causal pass's), not by the scores accumulated since: decode queries that all look for the first
+    generated token (a heavy hitter for H2O) leave the same tokens as random ones, and a generated token
+    (evidence 0) stays only while recent (SnapKV's pooling may lend it a kept neighbour's evidence, so
+    that part is checked without pooling)."""
+    budget, prompt, steps = 12, 24, 16
+    inputs = loop_inputs(steps, prompt=prompt, layers=1)
+    first = inputs[1][0][1].repeat_interleave(2, dim=1) * 30                  # (1, Hq, 1, D): finds token 24
+    kept = []
+    for focused in (False, True):
+        loop = EvictionLoop(EvictionConfig(policy=policy, budget=budget))
+        for step, ((q, k, v),) in enumerate(inputs):
+            loop.forward_layer(0, first if focused and step > 1 else q, k, v, scale=0.25)
+        kept.append(loop.kept_positions()[0])
+    assert torch.equal(kept[0], kept[1])
+    if getattr(policy, "pool", 1) == 1:
+        recent = protected(policy, budget)[1]
+        for row in kept[0].reshape(-1, budget).tolist():
+            assert all(p < prompt or p >= prompt + steps - recent for p in row), row
+
+
 @pytest.mark.parametrize("every", [1, 4])
 def test_evict_every_lets_the_cache_overshoot_then_cuts_back(every):
     """evict_every=E: after the prompt cut the cache grows to budget + E - 1, then one cut brings it back
