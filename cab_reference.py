@@ -608,10 +608,12 @@ class Delayed(Policy):
         return recent_and(k, self.recent_ratio, scores, "first_token", _need(context, "decode_scores", self.name))
 
 
-def is_question_at_end(question_mask, n, tail):
-    """True per row when the question's last token lies within `tail` tokens of the end."""
+def is_question_at_end(question_mask, tail):
+    """True per row when the question's last token lies within `tail` tokens of the end of the prompt
+    (question_mask [B, ..., N], the prompt's)."""
+    n = question_mask.shape[-1]
     positions = torch.arange(n, device=question_mask.device)
-    last = torch.where(question_mask, positions, -1).amax(dim=-1)            # (B, 1|H)
+    last = torch.where(question_mask, positions, -1).amax(dim=-1)            # (B, ...)
     return (last >= 0) & (last >= n - tail)
 
 
@@ -621,8 +623,9 @@ class DynamicLocal(CAB):
     for a QA prompt, whose recent tokens are the question. Changes: a question at the end (within
     qa_tail tokens) gives local = qa_recent_ratio, bridge and importance share the rest in their
     configured proportion; otherwise CAB's ratios. The question's position comes from question_mask,
-    never from guessing at strings. Still fails (NOTES.md): the recent tokens are the question, not
-    the answer."""
+    never from guessing at strings, and is read once, in the prompt (evidence question_at_end: 1 in every
+    prompt slot of such a row); later evictions keep that decision while the row's cache holds any prompt
+    token. Still fails (NOTES.md): the recent tokens are the question, not the answer."""
     name: ClassVar[str] = "dynamic_local"
     qa_recent_ratio: float = 0.9   # recent share when the question ends the prompt
     qa_tail: int = 32              # "at the end" = the question ends this close to the end
@@ -632,16 +635,26 @@ class DynamicLocal(CAB):
         _check_fraction("qa_recent_ratio", self.qa_recent_ratio)
         _check_int("qa_tail", self.qa_tail, 1)
 
+    def evidence(self, prompt):
+        evidence = super().evidence(prompt)
+        if prompt.question_mask is not None:
+            b, h, n = prompt.k.shape[:3]
+            at_end = is_question_at_end(prompt.question_mask, self.qa_tail).float()   # (B,)
+            evidence["question_at_end"] = at_end[:, None, None].expand(b, h, n)
+        return evidence
+
     def select(self, scores, k, context, valid):
-        qm = context.get("question_mask")
         cab = super().select(scores, k, context, valid)
-        if qm is None:
+        if "question_at_end" in context:                       # decided in the prompt (generated tokens: 0)
+            at_end = context["question_at_end"].amax(-1, keepdim=True) > 0   # (B, 1|H, 1)
+        elif "question_mask" in context:                       # a prompt's selection without its evidence
+            at_end = is_question_at_end(context["question_mask"], self.qa_tail)[..., None]
+        else:
             return cab
         other = 1.0 - self.recent_ratio
         share = self.bridge_ratio / other if other > 0 else 0.0
         qa = fill_parts(self.split(scores, k, context, self.qa_recent_ratio, (1.0 - self.qa_recent_ratio) * share),
                         valid)
-        at_end = is_question_at_end(qm, scores.shape[-1], self.qa_tail)[..., None]   # (B, 1|H, 1), per row
         return Selection(*(torch.where(at_end, a, c) for a, c in zip(qa[:2], cab[:2])), cab.names,
                          torch.where(at_end, qa.order, cab.order))
 

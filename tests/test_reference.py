@@ -572,6 +572,28 @@ def test_decode_evictions_rank_by_the_prompts_evidence(policy):
             assert all(p < prompt or p >= prompt + steps - recent for p in row), row
 
 
+def test_dynamic_local_decides_at_the_prompt_and_keeps_the_decision():
+    """DynamicLocal reads where the question stands once, in the prompt: a row whose question ends the
+    prompt keeps qa_recent_ratio of K as recent tokens through every later step (many more than qa_tail),
+    a row whose question is early keeps CAB's share throughout."""
+    policy, budget, prompt, steps = R.DynamicLocal(qa_tail=4), 20, 24, 12
+    loop = EvictionLoop(EvictionConfig(policy=policy, budget=budget), question_span=[(19, 23), (2, 6)])
+    g = torch.Generator().manual_seed(3)
+    for step in range(steps + 1):
+        n = prompt if step == 0 else 1
+        loop.forward_layer(0, *(torch.randn(2, h, n, 16, generator=g) for h in (4, 2, 2)), scale=0.25)
+        seen = prompt + step
+        layer = loop.layers[0]
+        for row, question_at_end in enumerate((True, False)):
+            recent = protected(policy, budget, question_at_end=question_at_end)[1]
+            for head in layer.positions[row].tolist():
+                assert set(range(seen - recent, seen)) <= set(head), f"step {step}, row {row}: {head}"
+            local = R.choose(layer.scores[row:row + 1], budget - 1, policy, True,
+                             {name: t[row:row + 1] for name, t in layer.context().items()})
+            assert int((local.part == local.names.index("local")).sum(-1).max()) == \
+                protected(policy, budget - 1, question_at_end=question_at_end)[1], f"step {step}, row {row}"
+
+
 @pytest.mark.parametrize("every", [1, 4])
 def test_evict_every_lets_the_cache_overshoot_then_cuts_back(every):
     """evict_every=E: after the prompt cut the cache grows to budget + E - 1, then one cut brings it back

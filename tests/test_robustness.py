@@ -438,8 +438,8 @@ def decode(loop, steps, *, b=1, hq=4, hkv=2, d=16, prompt=24, layers=2, device="
 def test_nothing_promised_is_lost_over_many_decode_steps(policy, per_head):
     """30 decode steps at budget 12 after a 24-token prompt whose question is tokens 19..22: every
     step, every layer and row holds what the policy promises (testkit.protected). delayed keeps the
-    whole prompt until the first generated token; dynamic_local's question-at-the-end window right
-    after the prompt holds the whole question."""
+    whole prompt until the first generated token; dynamic_local keeps its question-at-the-end share of
+    recent tokens throughout (decided in the prompt), which right after the prompt holds the whole question."""
     loop = EvictionLoop(EvictionConfig(policy=policy, budget=12, per_head=per_head), question_span=(19, 23))
 
     def check(step, loop):
@@ -451,7 +451,7 @@ def test_nothing_promised_is_lost_over_many_decode_steps(policy, per_head):
                 assert pos.shape[-1] == 24, "delayed: nothing evicted during the prefill"
                 continue
             assert pos.shape[-1] == (seen if isinstance(policy, R.Dense) else 12)
-            want = promised(policy, 12, seen, question_at_end=step == 0)
+            want = promised(policy, 12, seen)          # dynamic_local: decided in the prompt, kept after
             if isinstance(policy, R.DynamicLocal) and step == 0:
                 assert set(range(19, 23)) <= want
             for row in pos.reshape(-1, pos.shape[-1]).tolist():

@@ -210,7 +210,7 @@ def policy_cases(**knobs_by_name):
 EVIDENCE_RANGES = {                 # name -> (low, high) of random evidence; "n" = the number of tokens
     "window_scores": (0, 16), "bidirectional_scores": (0, "n"), "question_similarity": (-1, 1),
     "decode_scores": (0, 4), "question_match": (0, 1), "connectivity": (0, "n"), "curvature": (-20, 4),
-    "sentence_match": (0, 4), "fact_slots": (0, 11),
+    "sentence_match": (0, 4), "fact_slots": (0, 11), "question_at_end": None,   # None: from question_mask
 }
 
 
@@ -239,6 +239,9 @@ def random_context(policy, scores, *, generator=None, fill=None, question_at_end
     b, h, n = scores.shape
     context = {"question_mask": question_mask(b, n, question_at_end)}
     for name in evidence_names(policy):
+        if EVIDENCE_RANGES[name] is None:                # DynamicLocal's decision: the question's place
+            context[name] = torch.full((b, h, n), float(question_at_end))
+            continue
         low, high = (n if x == "n" else x for x in EVIDENCE_RANGES[name])
         if fill is not None:
             context[name] = torch.full((b, h, n), float(fill))
