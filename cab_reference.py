@@ -1129,7 +1129,8 @@ class EvictionConfig:
               The default, "match_span", keeps the passage sharing the question's words when
               CabCache is given question_span, and is H2O with one sink without one.
     sparsity  fraction of tokens dropped: K = max(1, floor((1 - sparsity) * N)), in exact decimal
-              arithmetic (sparsity 0.9 of 50 tokens keeps 5).
+              arithmetic (sparsity 0.9 of 50 tokens keeps 5). N is the padded prompt length: in a
+              left-padded batch every row keeps K, so a padded row drops less of its own tokens.
     budget    tokens kept per layer and KV head; overrides sparsity when set.
     per_head  one decision per KV head; False sums the heads' scores (one decision per layer, as the
               original CAB code).
@@ -1422,8 +1423,8 @@ class EvictionLoop:
     """Every layer's LayerState plus what the layers share: the config, the question, evidence pooled
     across layers, and a checkpoint so a forward that raises leaves the cache as it was.
 
-    question_span=(start, end) (or one per batch row), in token positions of the prompt, is what the
-    question-based policies read. The prompt is cut right after its attention (Delayed: after the first
+    question_span=(start, end) (or one per batch row), in token positions of the (left-padded) prompt, is
+    what the question-based policies read. The prompt is cut right after its attention (Delayed: after the first
     generated token); each later forward evicts back to the budget once the cache holds evict_every
     tokens more than it (1: every step, so the cache stays at the budget).
     head_group: the process group over which tensor parallelism splits each layer's KV heads (head_sum);
@@ -1600,7 +1601,8 @@ class CabCache(EvictionLoop, Cache):
         model.generate(input_ids, cache=CabCache(EvictionConfig(policy="h2o", sparsity=0.9)))
 
     (`cache=` from transformers 5.24; `past_key_values=` before.) Arguments as EvictionLoop's:
-    question_span=(start, end) for the question-based policies (see find_question_span), evict_every,
+    question_span=(start, end) for the question-based policies (see find_question_span), in positions of
+    the padded input_ids: add each row's left padding to a span found in its own text. evict_every,
     record=True keeps each layer's prompt selection
     (layer.prompt_record), head_group (found by itself under from_pretrained(..., tp_plan="auto")).
 

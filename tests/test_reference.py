@@ -280,6 +280,18 @@ def test_budget_property_any_sparsity(n, s, budget):
     assert dense.budget_for(n) == n and dense.cache_budget(n) == math.inf
 
 
+def test_left_padding_counts_toward_the_budget():
+    """The budget comes from the padded prompt length: in a left-padded batch every row keeps the same K,
+    so a row with padding keeps a larger share of its real tokens (here 12 of 16 against 12 of 24)."""
+    pads, n = [0, 8], 24
+    loop = EvictionLoop(EvictionConfig(policy="h2o", sparsity=0.5))
+    q, k, v = make_qkv(2, 4, 2, n, n, 16, seed=2)
+    loop.forward_layer(0, q, k, v, valid=left_padding_mask(2, n, pads))
+    layer = loop.layers[0]
+    assert layer.budget == 12 and layer.keys.shape[-2] == 12
+    assert layer.valid.sum(-1).tolist() == [[12, 12], [12, 12]]
+
+
 # ----------------------------------------------------------------------------------------------------
 # 4. Every policy at the selection level: budget, protected tokens, sorted unique indices,
 #    determinism, ties, padding. The keep-promise arithmetic is testkit.protected (one entry per policy).
@@ -788,6 +800,29 @@ def test_find_question_span_drives_a_question_policy_in_a_model():
     generate(model, "cab_reference", ids, torch.ones_like(ids), cache, steps=1)
     kept = cache.kept_positions()[0]
     assert set(range(span[0], span[1])) <= set(kept[0, 0].tolist())     # the question is in the local window
+
+
+def test_question_span_counts_the_left_padding():
+    """question_span holds positions in the padded input: a span found in a row's own text (find_question_span)
+    moves right by that row's padding; unshifted, it marks other tokens."""
+    question = "which vault ?"
+    texts = ["the red vault holds gold . " + question, "the red vault holds gold and the blue vault holds silver . "
+             + question]
+    tokenizer = word_tokenizer(texts)
+    tokenizer.pad_token, tokenizer.padding_side = "[UNK]", "left"
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    ids, mask = batch["input_ids"] % 93 + 3, batch["attention_mask"]
+    pads = (mask == 0).sum(-1).tolist()
+    spans = [R.find_question_span(tokenizer, text, question) for text in texts]
+    shifted = [(start + pad, end + pad) for (start, end), pad in zip(spans, pads)]
+    cache = CabCache(EvictionConfig(policy="hybrid_semantic", budget=100), question_span=shifted)
+    generate(tiny_model("llama"), "cab_reference", ids, mask, cache, steps=1)
+    asked = tokenizer(question, add_special_tokens=False)["input_ids"]
+    marked = cache.layers[0].evidence["question_mask"][:, 0, :ids.shape[1]]
+    for row in range(2):
+        assert batch["input_ids"][row][marked[row]].tolist() == asked
+        unshifted = R.question_mask_from_spans(spans, 2, ids.shape[1])[row]
+        assert (batch["input_ids"][row][unshifted].tolist() == asked) == (pads[row] == 0)
 
 
 # ----------------------------------------------------------------------------------------------------
