@@ -830,7 +830,7 @@ def fixed_segments(b, n, segment, device):
     return (torch.arange(n, device=device) // segment).expand(b, n)         # (B, N)
 
 
-def word_match(vn, query, candidates, threshold):
+def word_match(vn, query, candidates, threshold, head_group=None):
     """Word identity of every key with a set of query tokens, each query word shared out among its
     occurrences:
         m[j, i] = relu((cos(v_j, v_i) - threshold) / (1 - threshold)),
@@ -839,9 +839,9 @@ def word_match(vn, query, candidates, threshold):
     found once elsewhere (an entity) gives its sentence 1, a template word shared by c sentences 1 / c
     each (question_match's 1 / (1 + c) would tie a two-token entity with a three-word template shared
     by one other sentence). vn [Hkv, N, D] unit-norm first-layer values of one batch row; cosines
-    averaged over this rank's KV heads. Returns [N]."""
+    averaged over the layer's KV heads, every rank's under tensor parallelism (head_sum). Returns [N]."""
     cols = query.nonzero().squeeze(-1)                                       # (Q,)
-    cos = (vn @ vn[:, cols].mT).mean(0)                                      # (N, Q)
+    cos = head_sum((vn @ vn[:, cols].mT).sum(0), head_group) / (vn.shape[0] * head_group_size(head_group))  # (N, Q)
     m = ((cos - threshold) / (1.0 - threshold)).clamp_min(0.0) * candidates[:, None]
     return (m / m.sum(0, keepdim=True).clamp_min(1.0)).sum(-1)              # (N,)
 
@@ -864,7 +864,7 @@ def nearness(weight, positions):
     return (weight[matched].clamp_max(1.0) / (1.0 + distance)).amax(-1)      # (N,)
 
 
-def hop_sentences(v, question_mask, sentence, key_mask, threshold, hops):
+def hop_sentences(v, question_mask, sentence, key_mask, threshold, hops, head_group=None):
     """The sentence-match evidence of SentenceMatch: per key, a priority [B, N] in which the sentence
     matching the question best (hop 1) ranks above the sentence found from it (hop 2), ... above every
     other sentence, ranked by its best match in any round (scaled to [0, 1])."""
@@ -882,7 +882,7 @@ def hop_sentences(v, question_mask, sentence, key_mask, threshold, hops):
         sid = sentence[row]
         query, best, chosen = qm, torch.zeros(n, device=v.device), torch.zeros(n, dtype=torch.bool, device=v.device)
         for hop in range(hops):
-            match = word_match(vn[row], query, candidates & ~chosen, threshold)
+            match = word_match(vn[row], query, candidates & ~chosen, threshold, head_group)
             per_sentence = sentence_sums(match, sid) * (candidates & ~chosen)
             if float(per_sentence.max()) <= 0:
                 break
@@ -965,7 +965,8 @@ class SentenceMatch(Policy):
         sentence = sentence_index(prompt.token_ids, self.boundary_ids)
         if sentence is None:
             sentence = fixed_segments(b, n, self.segment, prompt.v.device)
-        priority = hop_sentences(prompt.v, prompt.question_mask, sentence, prompt.key_mask, self.threshold, self.hops)
+        priority = hop_sentences(prompt.v, prompt.question_mask, sentence, prompt.key_mask, self.threshold, self.hops,
+                                 prompt.head_group)
         return {"sentence_match": priority[:, None, :].expand(b, h, n).contiguous()}
 
     def layer_pooling(self):
@@ -1245,7 +1246,8 @@ def _check_context(context, scores):
 # Tensor parallelism. transformers' tp_plan="auto" splits every layer's KV heads over the ranks of a
 # process group, the *head group*: each rank's attention sees Hkv / world of them. Per-head decisions
 # need nothing from the other ranks. Only what pools over all of a layer's heads must travel: the
-# per-layer selection (per_head=False, _merge_heads) and question_match's cosines. Budgets and the
+# per-layer selection (per_head=False, _merge_heads) and the word-identity cosines of question_match and
+# word_match (SentenceMatch). Budgets and the
 # question span depend only on the prompt's length and positions, the same on every rank; so do the
 # masks (from the model's attention mask). head_group None = one process: nothing is communicated.
 

@@ -139,6 +139,39 @@ def question_match_over_sharded_heads(rank):
         _question_match_case(rank, b, h, n, d)
 
 
+def _sentence_match_prompt(rank, head_group):
+    """A prompt whose question shares one word with sentence A in every KV head and two words with sentence B
+    in the second rank's heads only (elsewhere B's values are unrelated): over all heads A matches, B does not;
+    the second rank alone would pick B."""
+    dot, qmark = 1, 2
+    ids = torch.tensor([[0, 5, 10, 6, dot, 40, 41, 42, dot, 7, 20, 21, 8, dot, 43, 44, dot, 50, 10, 20, 21, qmark, 60]])
+    b, n, h, d = 1, ids.shape[1], 2 * WORLD, 16
+    g = torch.Generator().manual_seed(8)
+    table = torch.randn(int(ids.max()) + 1, h, d, generator=g)
+    v = table[ids].permute(0, 2, 1, 3).contiguous()                         # (B, Hkv, N, D): one vector per id
+    v[:, :h // WORLD, 9:14] = torch.randn(b, h // WORLD, 5, d, generator=g)  # B, first rank's heads: unrelated
+    question_mask = torch.zeros(b, n, dtype=torch.bool)
+    question_mask[:, 17:22] = True
+    q, k = torch.randn(b, 2 * h, n, d, generator=g), torch.randn(b, h, n, d, generator=g)
+    if head_group is not None:
+        q, k, v = _shard(q, rank), _shard(k, rank), _shard(v, rank)
+    return ref.Prompt(q, k, v, None, None, question_mask, ref.attention, head_group, ids)
+
+
+@check
+def sentence_match_over_sharded_heads(rank):
+    """SentenceMatch's word identity is averaged over every rank's heads, so all ranks keep the same sentences."""
+    policy = ref.SentenceMatch(boundary_ids=(1, 2))
+    whole = policy.evidence(_sentence_match_prompt(rank, None))["sentence_match"]
+    sharded = policy.evidence(_sentence_match_prompt(rank, dist.group.WORLD))["sentence_match"]
+    assert _same_on_every_rank(sharded[:, 0])
+    torch.testing.assert_close(sharded, _shard(whole, rank), rtol=1e-5, atol=1e-6)
+    assert int(whole[0, 0].argmax()) in range(1, 5)                          # sentence A first
+    if rank == WORLD - 1:                                                    # the check can fail
+        alone = policy.evidence(_sentence_match_prompt(rank, dist.group.WORLD)._replace(head_group=None))
+        assert not torch.allclose(alone["sentence_match"], sharded)
+
+
 @check
 def tp_plan_auto_on_gloo(rank):
     """transformers' tp_plan="auto" on CPU: tokens and kept positions equal one process's (float64)."""
