@@ -1,18 +1,17 @@
 """Attention-score-driven KV-cache eviction, written to be read top to bottom.
 
-A long prompt fills the KV cache. Eviction keeps a *budget* of K tokens per layer (and per KV head)
-and drops the rest, ranked by evidence gathered while the model runs: mostly the attention each key
-received. This file is the project's source of truth; `cab_fast.py` computes the same things faster.
+A long prompt fills the KV cache. Eviction keeps a *budget* of K tokens per layer (and per KV head) and
+drops the rest, ranked by evidence gathered while the model runs: mostly the attention each key received.
+This file is the project's source of truth; `cab_fast.py` computes the same things faster.
 
 Reading order
   1. attention          softmax(QK^T)V plus the accumulated scores, grouped-query native
   2. selection          fill a budget part by part (the one routine every policy shares)
-  3. the classic policies, each beside the evidence it ranks by:
-                        StreamingLLM, H2O, SnapKV, CAB
+  3. the classic policies, each beside the evidence it ranks by: StreamingLLM, H2O, SnapKV, CAB
   4. the fixes          why H2O and CAB lose the answer at 90% sparsity, and one policy per idea
   5. choosing           EvictionConfig (policy + budget) and select_kept
   6. the eviction loop  plain PyTorch state: cut the prompt, then per step append, attend, accumulate, evict
-  7. transformers       a thin adapter: the "cab_reference" attention implementation and CabCache
+  7. tensor parallelism, and the transformers adapter: attention "cab_reference" and CabCache
 
 Shape letters (used in every shape comment)
   B    batch                 Hq   query heads        Hkv  key/value heads      G = Hq // Hkv
@@ -23,9 +22,9 @@ Papers
   StreamingLLM: Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks".
   H2O:          Zhang et al. 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative Inference".
   SnapKV:       Li et al. 2024, "SnapKV: LLM Knows What You are Looking for Before Generation".
-  CAB:          the research code this project re-implements; its policy splits the budget into
-                recent *local* tokens, *bridge* tokens that connect the important ones, and
-                *importance* heavy hitters (as H2O). NOTES.md says where we differ from it and why.
+  CAB:          the research code this project re-implements: recent *local* tokens, *bridge* tokens that
+                connect the important ones, *importance* heavy hitters. NOTES.md says where we differ from
+                it and why, and holds every measurement.
 """
 
 from __future__ import annotations
@@ -43,81 +42,33 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------------------------------
 # 1. Attention with accumulated scores
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def check_attention_inputs(q, k, v, key_mask, scale, validate, dtypes=FLOAT_DTYPES):
-    """The checks every attention implementation shares (cab_fast adds its kernels' own)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name}: expected 4 dims [B, H, N, D], got shape {tuple(t.shape)}")
-        if t.dtype not in dtypes:
-            raise TypeError(f"{name}: expected one of {', '.join(map(str, dtypes))}, got {t.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v: expected equal shapes, got {tuple(k.shape)} and {tuple(v.shape)}")
-    (b, hq, nq, d), (bk, hkv, nk, dk) = q.shape, k.shape
-    if b != bk or d != dk:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: batch and head dim must match")
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"q has {hq} heads, k has {hkv}: query heads must be a multiple of KV heads")
-    if nq > nk:
-        raise ValueError(f"q has {nq} queries but k only {nk} keys: expected Nq <= Nk")
-    if len({q.device, k.device, v.device}) != 1:
-        raise ValueError(f"q, k, v: expected one device, got {q.device}, {k.device}, {v.device}")
-    if key_mask is not None:
-        if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool \
-                or tuple(key_mask.shape) != (b, nk):
-            raise ValueError(f"key_mask: expected bool [B, Nk] = [{b}, {nk}], got "
-                             f"{getattr(key_mask, 'dtype', type(key_mask).__name__)} "
-                             f"{tuple(getattr(key_mask, 'shape', ()))}")
-        if key_mask.device != k.device:
-            raise ValueError(f"key_mask: expected device {k.device}, got {key_mask.device}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale: expected a finite number or None, got {scale!r}")
-    if validate:
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if not torch.isfinite(t).all():
-                raise ValueError(f"{name}: contains NaN or inf (validate=True); attention needs finite inputs")
-
-
 def visibility(nq: int, nk: int, *, causal: bool, key_mask=None, device=None):
-    """Which keys each query may attend to, True = visible.
-
-    Causal masks are bottom-right aligned: the queries are the *last* Nq of Nk tokens, so query i sits at
-    position i + Nk - Nq and sees keys 0 .. i + Nk - Nq. key_mask [B, Nk] removes padding keys.
-    """
+    """Which keys each query may see (True). Causal masks are bottom-right aligned: the queries are the
+    *last* Nq of Nk tokens, so query i sees keys 0 .. i + Nk - Nq. key_mask [B, Nk] hides padding."""
     q_pos = torch.arange(nq, device=device)[:, None] + (nk - nq)              # (Nq, 1)
     k_pos = torch.arange(nk, device=device)[None, :]                          # (1, Nk)
-    visible = (k_pos <= q_pos) if causal else torch.ones(nq, nk, dtype=torch.bool, device=device)  # (Nq, Nk)
+    visible = (k_pos <= q_pos) if causal else torch.ones(nq, nk, dtype=torch.bool, device=device)
     visible = visible[None, None, None]                                       # (1, 1, 1, Nq, Nk)
-    if key_mask is not None:
-        visible = visible & key_mask[:, None, None, None, :]                  # (B, 1, 1, Nq, Nk)
-    return visible
+    return visible if key_mask is None else visible & key_mask[:, None, None, None, :]   # (B|1, 1, 1, Nq, Nk)
 
 
 def attention_probabilities(q, k, *, scale=None, causal=True, key_mask=None):
     """P[b, h, g, i, j] = softmax_j(q_i . k_j * scale) over the keys query i may see, in float32.
 
-    Query head h * G + g uses KV head h: the group axis is split out instead of repeating K, which is
-    what "grouped-query attention is native" means. The row max is subtracted before exp, so logits of
-    any magnitude are safe; a row that sees no key at all becomes all zeros instead of 0/0 = NaN.
-    """
+    Query head h * G + g uses KV head h: the group axis is split out instead of repeating K ("grouped-query
+    attention is native"). The row max is subtracted before exp, so any logit magnitude is safe; a row
+    that sees no key becomes zeros instead of 0/0 = NaN."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    g = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qg = q.to(acc).view(b, hkv, g, nq, d)                                     # (B, Hkv, G, Nq, D)
+    qg = q.to(acc).view(b, hkv, hq // hkv, nq, d)                             # (B, Hkv, G, Nq, D)
     logits = (qg @ k.to(acc)[:, :, None].mT) * scale                          # (B, Hkv, G, Nq, Nk)
     if nk == 0:                                   # no keys (so no queries): empty, as the fast twin returns
         return logits
-    visible = visibility(nq, nk, causal=causal, key_mask=key_mask, device=q.device)
-    logits = logits.masked_fill(~visible, -math.inf)                          # (B, Hkv, G, Nq, Nk)
+    logits = logits.masked_fill(~visibility(nq, nk, causal=causal, key_mask=key_mask, device=q.device), -math.inf)
     row_max = logits.amax(dim=-1, keepdim=True)                               # (B, Hkv, G, Nq, 1)
-    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)              # empty rows: exp(-inf) = 0
-    p = torch.exp(logits - row_max)                                           # (B, Hkv, G, Nq, Nk)
+    p = torch.exp(logits - torch.where(torch.isfinite(row_max), row_max, 0.0))   # empty rows: exp(-inf) = 0
     row_sum = p.sum(dim=-1, keepdim=True)                                     # (B, Hkv, G, Nq, 1)
     return p / torch.where(row_sum > 0, row_sum, 1.0)                         # each visible row sums to 1
 
@@ -125,40 +76,63 @@ def attention_probabilities(q, k, *, scale=None, causal=True, key_mask=None):
 def attention(q, k, v, *, scale=None, causal=True, key_mask=None, validate=False):
     """Scaled dot-product attention that also returns how much attention every key received.
 
-        out[b, h, i]  = sum_j P[b, h, i, j] v_j
-        scores[b, kv, j] = sum over the G query heads h of group kv, sum over queries i of P[b, h, i, j]
+        out[b, h, i]     = sum_j P[b, h, i, j] v_j
+        scores[b, kv, j] = sum over the G query heads h of group kv and over queries i of P[b, h, i, j]
 
-    Every query row of P sums to 1 (or 0 if it sees no key) *before* the column sums, so a full causal
-    prefill's scores add up to Nq * G per (batch row, KV head). The sum is not divided by the number of
-    queries that could see key j: early keys are seen by more queries and collect more, which is H2O's
-    choice too (kvpress's ObservedAttentionPress divides instead).
-
-    q [B, Hq, Nq, D]; k, v [B, Hkv, Nk, D]; key_mask [B, N] bool (True = real token) or None.
-    Returns out [B, Hq, Nq, D] in q's dtype and scores [B, Hkv, Nk] float32 (float64 for float64 inputs).
-    Values are not inspected by default, as in SDPA: a -inf logit acts as a masked key, a NaN or +inf
-    input makes its rows NaN. validate=True rejects NaN/inf inputs with a ValueError instead (it reads
-    the inputs once more and, on a GPU, waits for the answer).
-    """
+    Each query row of P sums to 1 (0 if it sees no key), so a causal prefill's scores add up to Nq * G per
+    (batch row, KV head). The sum is not divided by how many queries could see key j: early keys collect
+    more, which is H2O's choice too. q [B, Hq, Nq, D]; k, v [B, Hkv, Nk, D]; key_mask [B, Nk] bool (True =
+    real token) or None. Returns out [B, Hq, Nq, D] in q's dtype, scores [B, Hkv, Nk] float32 (float64 for
+    float64 inputs). As SDPA, values are not inspected (a NaN input makes its rows NaN) unless validate=True:
+    then NaN/inf is a ValueError (one more read of the inputs; on a GPU, a sync)."""
     check_attention_inputs(q, k, v, key_mask, scale, validate)
     b, hq, nq, d = q.shape
     p = attention_probabilities(q, k, scale=scale, causal=causal, key_mask=key_mask)  # (B, Hkv, G, Nq, Nk)
-    out = p @ v.to(p.dtype)[:, :, None]                                       # (B, Hkv, G, Nq, D)
-    out = out.reshape(b, hq, nq, d).to(q.dtype)                               # (B, Hq, Nq, D)
-    scores = p.sum(dim=(2, 3))                                                # (B, Hkv, Nk)
-    return out, scores
+    out = (p @ v.to(p.dtype)[:, :, None]).reshape(b, hq, nq, d).to(q.dtype)   # (B, Hq, Nq, D)
+    return out, p.sum(dim=(2, 3))                                             # scores (B, Hkv, Nk)
 
 
 AttentionFn = Callable[..., tuple]   # attention's signature: (q, k, v, *, scale, causal, key_mask, validate)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_attention_inputs(q, k, v, key_mask, scale, validate, dtypes=FLOAT_DTYPES):
+    """The checks every attention implementation shares (cab_fast passes its own dtypes)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in dtypes:
+            raise TypeError(f"{name}: expected a torch.Tensor of {', '.join(map(str, dtypes))}, "
+                            f"got {getattr(t, 'dtype', type(t).__name__)}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected 4 dims [B, H, N, D], got shape {tuple(t.shape)}")
+    (b, hq, nq, d), (bk, hkv, nk, dk) = q.shape, k.shape
+    mask_ok = key_mask is None or (isinstance(key_mask, torch.Tensor) and key_mask.dtype == torch.bool
+                                   and tuple(key_mask.shape) == (b, nk) and key_mask.device == k.device)
+    for wrong, message in [
+            (k.shape != v.shape, f"k and v: expected equal shapes, got {tuple(k.shape)} and {tuple(v.shape)}"),
+            (b != bk or d != dk, f"q {tuple(q.shape)} and k {tuple(k.shape)}: batch and head dim must match"),
+            (hkv == 0 or hq % max(hkv, 1), f"q has {hq} heads, k {hkv}: query heads must be a multiple of KV heads"),
+            (nq > nk, f"q has {nq} queries but k only {nk} keys: expected Nq <= Nk"),
+            (len({q.device, k.device, v.device}) > 1, f"q, k, v: expected one device, got {q.device}, {k.device}, "
+                                                      f"{v.device}"),
+            (not mask_ok, f"key_mask: expected bool [B, Nk] = [{b}, {nk}] on {k.device}, got "
+                          f"{getattr(key_mask, 'dtype', type(key_mask))} {tuple(getattr(key_mask, 'shape', ()))} "
+                          f"on {getattr(key_mask, 'device', None)}"),
+            (scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)),
+             f"scale: expected a finite number or None, got {scale!r}")]:
+        if wrong:
+            raise ValueError(message)
+    for name, t in (("q", q), ("k", k), ("v", v)) if validate else ():
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name}: contains NaN or inf (validate=True); attention needs finite inputs")
 
 
 # ----------------------------------------------------------------------------------------------------
 # 2. Selection: fill the budget part by part
 #
-# A policy describes its keep-set as an ordered list of parts, e.g. H2O = [recent: 20% of K by
-# position, heavy: the rest by score]. Each part takes its `count` best tokens among those no earlier
-# part took. Ordering is always (real token before padding, higher priority, more recent): ties break
-# toward the more recent token, so selection is deterministic. Nothing here asks the device for a
-# value (no .item(), nonzero or bool()): a decode step's selection has static shapes.
+# A policy describes its keep-set as an ordered list of parts, e.g. H2O = [recent: 20% of K by position,
+# heavy: the rest by score]. Each part takes its `count` best tokens among those no earlier part took,
+# ordered by (real token before padding, higher priority, more recent): ties go to the more recent token.
+# Nothing here asks the device for a value (no .item(), nonzero or bool()): static shapes.
 
 class Part(NamedTuple):
     name: str
@@ -170,8 +144,8 @@ class Selection(NamedTuple):
     kept: torch.Tensor    # [B, H, K] int64, ascending: the token indices kept
     part: torch.Tensor    # [B, H, K] int64: index into names of the part that kept each token
     names: list           # the policy's part names, in the order they were filled
-    order: torch.Tensor   # [B, H, N] int64: every token, best first (kept ones in part order, then
-                          #   the evicted ones by the last part's priority): rank r = order.argsort()
+    order: torch.Tensor   # [B, H, N] int64: every token, best first (kept ones in part order, then the
+                          #   evicted ones by the last part's priority): rank r = order.argsort()
 
 
 def recency(scores):
@@ -180,21 +154,18 @@ def recency(scores):
 
 
 def best_first(priority, available, valid):
-    """Token indices ordered best first: available real tokens, then available padding (by recency
-    only, so every head pads alike), then tokens already taken; within each, higher priority first and
-    ties to the more recent token."""
+    """Token indices best first: available real tokens, then available padding (by recency only, so every
+    head pads alike), then tokens already taken; within each, higher priority, then more recent."""
     n = priority.shape[-1]
     priority = torch.where(valid, torch.nan_to_num(priority, nan=-math.inf), 0.0)  # (B, H, N)
-    by_priority = torch.sort(priority.flip(-1), dim=-1, descending=True, stable=True).indices
-    order = (n - 1) - by_priority                                            # ties: later position first
+    order = (n - 1) - torch.sort(priority.flip(-1), dim=-1, descending=True, stable=True).indices  # ties: later
     tier = (2 * (available & valid).to(torch.int8) + (available & ~valid).to(torch.int8)).gather(-1, order)
     return order.gather(-1, torch.sort(tier, dim=-1, descending=True, stable=True).indices)
 
 
 def fill_parts(parts, valid) -> Selection:
     """Fill the parts in order; the counts add up to K. valid [B, H, N] bool (False = padding)."""
-    n = valid.shape[-1]
-    k = sum(p.count for p in parts)
+    n, k = valid.shape[-1], sum(p.count for p in parts)
     if k > n:
         raise RuntimeError(f"parts {[p.name for p in parts]} ask for {k} tokens out of {n}")
     taken = torch.zeros_like(valid)                                          # (B, H, N)
@@ -203,24 +174,21 @@ def fill_parts(parts, valid) -> Selection:
     for index, part in enumerate(parts):
         priority = part.priority(valid & ~taken) if callable(part.priority) else part.priority
         chosen = best_first(priority, ~taken, valid)[..., :part.count]       # (B, H, count)
-        taken = taken.scatter(-1, chosen, True)
-        part_of = part_of.scatter(-1, chosen, index)
+        taken, part_of = taken.scatter(-1, chosen, True), part_of.scatter(-1, chosen, index)
         chosen_in_order.append(chosen)
     evicted = best_first(priority, ~taken, valid)[..., :n - k]               # (B, H, N - K)
     order = torch.cat(chosen_in_order + [evicted], dim=-1)                   # (B, H, N)
-    index = torch.arange(n, device=valid.device).expand(valid.shape)
-    kept = torch.where(taken, index, n).sort(dim=-1).values[..., :k]         # (B, H, K), ascending
+    kept = torch.where(taken, torch.arange(n, device=valid.device), n).sort(dim=-1).values[..., :k]   # (B, H, K)
     return Selection(kept, part_of.gather(-1, kept), [p.name for p in parts], order)
 
 
 # ----------------------------------------------------------------------------------------------------
 # 3. The classic policies
 #
-# A policy is a small frozen dataclass: its fields are its knobs, `evidence` computes the per-key
-# signals it ranks by from the prompt (once, right after the prompt's attention), and `parts` splits a
-# budget of k tokens into Parts. Protected tokens (sinks, the recent window, SnapKV's observation
-# window) are parts ranked by position, so they are kept by construction and rank dumps show real
-# scores, not sentinels. Adding a policy means adding one class here (and its tests).
+# A policy is a small frozen dataclass: its fields are its knobs (each declares the values it accepts),
+# `evidence` computes the per-key signals it ranks by from the prompt (once, right after the prompt's
+# attention), and `parts` splits a budget of k tokens into Parts. Protected tokens (sinks, the recent
+# window) are parts ranked by position, so they are kept by construction and rank dumps show real scores.
 
 class Prompt(NamedTuple):
     """What a policy may look at when the prompt is cut: one layer's prompt attention inputs."""
@@ -235,20 +203,44 @@ class Prompt(NamedTuple):
     token_ids: torch.Tensor | None = None  # [B, N] int64 the prompt's token ids (CabCache(token_ids=...)) or None
 
 
-def _check_int(name, value, least):
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"{name}: expected an integer >= {least}, got {value!r}")
+class Rule(NamedTuple):
+    """What a knob accepts: ok(value), and the words of its error "<knob>: expected <expected>, got ..."."""
+    expected: str
+    ok: Callable[[object], bool]
 
 
-def _check_fraction(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name}: expected a value in [0, 1], got {value!r}")
+def is_number(x, low=-math.inf, high=math.inf, *, integer=False, open_high=False):
+    """A real number (never a bool) in [low, high] ([low, high) with open_high), an int if `integer`."""
+    kind = int if integer else (int, float)
+    return isinstance(x, kind) and not isinstance(x, bool) and low <= x and (x < high if open_high else x <= high)
 
 
-def _check_odd(name, value):
-    _check_int(name, value, 1)
-    if value % 2 == 0:
-        raise ValueError(f"{name}: expected an odd width so pooling stays centred, got {value}")
+def at_least(least):
+    return Rule(f"an integer >= {least}", lambda x: is_number(x, least, integer=True))
+
+
+FRACTION = Rule("a value in [0, 1]", lambda x: is_number(x, 0, 1))
+ODD = Rule("an odd width >= 1 (pooling stays centred)", lambda x: is_number(x, 1, integer=True) and x % 2 == 1)
+COSINE = Rule("a value in [-1, 1)", lambda x: is_number(x, -1, 1, open_high=True))   # 1 divides by 1 - 1
+TOKEN_IDS = Rule("a tuple of token ids (ints >= 0)",
+                 lambda x: isinstance(x, tuple) and all(is_number(i, 0, integer=True) for i in x))
+
+
+def knob(default, rule: Rule):
+    """A dataclass field that declares the Rule its values must pass (check_fields checks it)."""
+    return dataclasses.field(default=default, metadata={"rule": rule})
+
+
+def check(name, value, rule: Rule):
+    if not rule.ok(value):
+        raise ValueError(f"{name}: expected {rule.expected}, got {value!r}")
+
+
+def check_fields(obj):
+    """Check every field of the dataclass `obj` that declares a Rule (policy knobs, EvictionConfig)."""
+    for field in dataclasses.fields(obj):
+        if "rule" in field.metadata:
+            check(field.name, getattr(obj, field.name), field.metadata["rule"])
 
 
 def _need(context, name, policy):
@@ -260,9 +252,14 @@ def _need(context, name, policy):
 
 @dataclass(frozen=True)
 class Policy:
-    """Base class: the knobs are the dataclass fields; subclasses set `name` and define `parts`."""
+    """Base class: the knobs are the dataclass fields (declared with knob()); subclasses set `name` and
+    define `parts`, and `evidence` when they rank by more than the accumulated scores."""
     name: ClassVar[str] = ""
     needs_question: ClassVar[bool] = False   # True: evidence needs CabCache(question_span=...)
+    cuts_prompt: ClassVar[bool] = True       # False: the loop keeps the whole prompt one step longer (Delayed)
+
+    def __post_init__(self):
+        check_fields(self)
 
     def evidence(self, prompt: Prompt) -> dict:
         """Extra per-key evidence {name: [B, Hkv, N]} ranked by `parts`; most policies need none."""
@@ -280,6 +277,9 @@ class Policy:
         """The evidence a token gets when it enters the cache after the prompt."""
         return 0.0
 
+    def after_prompt(self, evidence, scores):
+        """Each attention call after the prompt's: evidence may grow with its scores [B, Hkv, L] (Delayed)."""
+
     def layer_pooling(self) -> dict:
         """{evidence name: L}: use the mean of that evidence over the first L layers in every layer."""
         return {}
@@ -292,8 +292,7 @@ class Policy:
 
 @dataclass(frozen=True)
 class Dense(Policy):
-    """Keep everything: the dense baseline through the same code path (its budget is N, so it is
-    never asked to split one)."""
+    """Keep everything: the dense baseline through the same code path (its budget is N)."""
     name: ClassVar[str] = "none"
 
     def ranks_by_scores(self, question, token_ids):
@@ -305,10 +304,7 @@ class StreamingLLM(Policy):
     """StreamingLLM: the first `sinks` tokens soak up attention mass whatever they say, so keep them
     (the "attention sinks"), and fill the rest with the most recent tokens."""
     name: ClassVar[str] = "streaming"
-    sinks: int = 4                 # first tokens always kept
-
-    def __post_init__(self):
-        _check_int("sinks", self.sinks, 0)
+    sinks: int = knob(4, at_least(0))           # first tokens always kept
 
     def parts(self, scores, k, context):
         sinks = min(self.sinks, k)
@@ -318,85 +314,63 @@ class StreamingLLM(Policy):
         return False
 
 
-def recent_and(k, recent_ratio, scores, name, priority):
-    """The two-part shape of H2O and its variants: recent_ratio of K (at least 1) for the most recent
-    tokens, the rest for the highest `priority`."""
-    recent = min(k, max(1, int(k * recent_ratio)))
-    return [Part("recent", recent, recency(scores)), Part(name, k - recent, priority)]
+def recent_share(k, recent_ratio, room=None):
+    """recent_ratio of K for the most recent tokens, at least 1 (at most `room`, K by default)."""
+    return min(k if room is None else room, max(1, int(k * recent_ratio)))
 
 
 @dataclass(frozen=True)
 class H2O(Policy):
-    """H2O: heavy hitters, the keys with the largest accumulated attention, plus a recent window."""
+    """H2O: heavy hitters, the keys with the largest accumulated attention, plus a recent window. Its
+    variants in section 4 change only what ranks the heavy hitters (`priority`) and the part's name."""
     name: ClassVar[str] = "h2o"
-    recent_ratio: float = 0.2      # share of the budget for the most recent tokens (at least 1)
+    heavy: ClassVar[str] = "heavy"              # the name of the part ranked by priority
+    recent_ratio: float = knob(0.2, FRACTION)   # share of the budget for the most recent tokens (at least 1)
 
-    def __post_init__(self):
-        _check_fraction("recent_ratio", self.recent_ratio)
+    def priority(self, scores, context):
+        return scores
 
     def parts(self, scores, k, context):
-        return recent_and(k, self.recent_ratio, scores, "heavy", scores)
+        recent = recent_share(k, self.recent_ratio)
+        return [Part("recent", recent, recency(scores)), Part(self.heavy, k - recent, self.priority(scores, context))]
 
 
 def window_scores(q, k, v, window, *, scale=None, key_mask=None, attention_fn: AttentionFn = attention):
-    """SnapKV's evidence: column sums of the attention of the last `window` queries only.
-
-    Because the causal mask is bottom-right aligned, attending with q[..., -window:, :] against all keys
-    is exactly "the last window queries of the prompt".
-    """
-    return attention_fn(q[:, :, -window:], k, v, scale=scale, causal=True, key_mask=key_mask)[1]  # (B, Hkv, N)
+    """SnapKV's evidence: column sums of the attention of the last `window` queries only (with the causal
+    mask bottom-right aligned, q[..., -window:, :] against all keys is exactly that). [B, Hkv, N]"""
+    return attention_fn(q[:, :, -window:], k, v, scale=scale, causal=True, key_mask=key_mask)[1]
 
 
 @dataclass(frozen=True)
 class SnapKV(Policy):
     """SnapKV: the prompt's last `window` queries already "know" what the answer will need. Keep that
-    window, and rank the rest by the window's attention max-pooled over `pool` neighbours (so a
-    neighbourhood survives, not isolated tokens). The kept window is clamped to half the budget: a
-    window larger than K would keep nothing else. Decode-time evictions keep ranking by the prompt's
-    window evidence, pooled over the slots left: a generated token has none (0), so it stays while
-    recent or while pooling lends it a kept neighbour's evidence."""
+    window (at most half the budget) and rank the rest by the window's attention max-pooled over `pool`
+    neighbours, so a neighbourhood survives, not isolated tokens. Decode-time evictions keep ranking by the
+    prompt's window evidence, pooled over the slots left: a generated token has none (0), so it stays
+    while recent or while pooling lends it a kept neighbour's evidence."""
     name: ClassVar[str] = "snapkv"
-    window: int = 16               # observation window: the last prompt queries
-    pool: int = 7                  # max-pool width over neighbouring positions (odd)
-
-    def __post_init__(self):
-        _check_int("window", self.window, 1)
-        _check_odd("pool", self.pool)
+    window: int = knob(16, at_least(1))         # observation window: the last prompt queries
+    pool: int = knob(7, ODD)                    # max-pool width over neighbouring positions
 
     def evidence(self, prompt):
         return {"window_scores": window_scores(prompt.q, prompt.k, prompt.v, self.window, scale=prompt.scale,
                                                key_mask=prompt.key_mask, attention_fn=prompt.attention_fn)}
 
     def parts(self, scores, k, context):
-        evidence = context.get("window_scores", scores)
+        evidence = context.get("window_scores", scores)                      # without it: the scores
         pooled = F.max_pool1d(evidence.float(), self.pool, stride=1, padding=self.pool // 2)   # (B, H, N)
         window = min(self.window, k // 2)
         return [Part("recent", window, recency(scores)), Part("pooled", k - window, pooled)]
 
 
-# CAB's bridge evidence. "median" needs only the scores; the graph modes look at the prompt's attention.
-
-def attention_graph(q, k, *, scale=None, key_mask=None):
-    """The prompt's causal attention as a token graph per KV head: W = mean over the group of P.
-
-    Rows are queries, columns keys, for the last Nq of the N tokens (a prefill has Nq = N); rows of
-    earlier tokens are zero. This materialises N x N per KV head, so only the graph-based bridge modes
-    use it.
-    """
-    p = attention_probabilities(q, k, scale=scale, causal=True, key_mask=key_mask)  # (B, Hkv, G, Nq, N)
-    w = p.mean(dim=2)                                                        # (B, Hkv, Nq, N)
-    return F.pad(w, (0, 0, k.shape[2] - q.shape[2], 0))                      # (B, Hkv, N, N)
-
+# CAB's bridge evidence: "median" needs only the scores; the graph modes read the prompt's attention as a
+# token graph per KV head, W = P averaged over the group (rows queries, columns keys; N x N per head).
 
 def connectivity(graph, key_mask=None):
-    """Bridge evidence "connectivity": how many distinct queries attend to key j above uniform.
-
-        connectivity[j] = #{ i : W[i, j] > 1 / (number of keys query i sees) }
-
-    A token many different queries find worth more than a uniform share links many parts of the text.
-    (The original code used (sum_{i in I} A[i, j]) * (sum_{i in I} A[j, i]) over the important set I;
-    NOTES.md says why we count instead.)
-    """
+    """Bridge evidence "connectivity": how many distinct queries attend to key j above uniform,
+        connectivity[j] = #{ i : W[i, j] > 1 / (number of keys query i sees) }:
+    a token many queries find worth more than a uniform share links many parts of the text. (The original
+    code multiplied in- and out-attention over the important set; NOTES.md says why we count.)"""
     n = graph.shape[-1]
     visible = visibility(n, n, causal=True, key_mask=key_mask, device=graph.device)[:, 0, 0]  # (B|1, N, N)
     seen = visible.sum(-1, keepdim=True).clamp_min(1)[:, None]                # (B|1, 1, N, 1)
@@ -404,39 +378,27 @@ def connectivity(graph, key_mask=None):
 
 
 def forman_curvature(graph, key_mask=None):
-    """Bridge evidence "curvature": node Forman-Ricci curvature of the thresholded attention graph.
-
-    Graph: undirected, unweighted; tokens i != j are joined when the symmetrised attention
-    (W[i, j] + W[j, i]) / 2 exceeds 1 / n_valid, the weight of uniform attention. For an edge e = (i, j)
-    the augmented Forman curvature is
-
-        F(e) = 4 - deg(i) - deg(j) + 3 * t(e),   t(e) = triangles containing e (common neighbours),
-
-    and a node's curvature is the mean of F over its edges. Edges between hubs that share few
-    neighbours are very negative: they are the bottlenecks between dense regions, so the *lowest*
-    curvature marks a bridge. Isolated tokens get +inf (never bridges).
-    Returns [B, Hkv, N] float32.
-    """
+    """Bridge evidence "curvature": node Forman-Ricci curvature of the attention graph with an edge
+    i -- j (i != j) where (W[i, j] + W[j, i]) / 2 > 1 / n_valid, the weight of uniform attention:
+        F(e) = 4 - deg(i) - deg(j) + 3 * t(e),   t(e) = triangles containing edge e = (i, j),
+    a node's curvature the mean of F over its edges. Edges between hubs sharing few neighbours are very
+    negative: bottlenecks between dense regions, so the *lowest* curvature marks a bridge. Isolated
+    tokens get +inf (never bridges). [B, Hkv, N] float32."""
     n = graph.shape[-1]
-    sym = (graph + graph.mT) / 2                                             # (B, Hkv, N, N)
     valid = torch.ones(graph.shape[0], n, dtype=torch.bool, device=graph.device) if key_mask is None else key_mask
     n_valid = valid.sum(-1).clamp_min(1)[:, None, None, None]                 # (B, 1, 1, 1)
-    pair = valid[:, None, :, None] & valid[:, None, None, :]                  # (B, 1, N, N)
-    no_loops = ~torch.eye(n, dtype=torch.bool, device=graph.device)
-    adj = ((sym > 1.0 / n_valid) & pair & no_loops).to(torch.float32)         # (B, Hkv, N, N)
+    pair = valid[:, None, :, None] & valid[:, None, None, :] & ~torch.eye(n, dtype=torch.bool, device=graph.device)
+    adj = (((graph + graph.mT) / 2 > 1.0 / n_valid) & pair).to(torch.float32)   # (B, Hkv, N, N)
     deg = adj.sum(-1)                                                        # (B, Hkv, N)
-    triangles = (adj @ adj) * adj                                            # (B, Hkv, N, N)
-    edge_f = (4 - deg[..., :, None] - deg[..., None, :] + 3 * triangles) * adj
-    node_f = edge_f.sum(-1) / deg.clamp_min(1)                               # (B, Hkv, N)
-    return torch.where(deg > 0, node_f, math.inf)
+    edge_f = (4 - deg[..., :, None] - deg[..., None, :] + 3 * (adj @ adj) * adj) * adj
+    return torch.where(deg > 0, edge_f.sum(-1) / deg.clamp_min(1), math.inf)
 
 
 def median_bridge(scores):
-    """Bridge mode "median" (O(N)): among the tokens not yet taken, those whose accumulated score is
-    closest to the median of theirs: neither heavy hitters nor noise."""
+    """Bridge mode "median" (O(N)): among the tokens not yet taken, those whose accumulated score is closest
+    to the median of theirs: neither heavy hitters nor noise."""
     def priority(available):
-        rest = scores.masked_fill(~available, math.nan)                      # (B, H, N)
-        median = rest.nanmedian(dim=-1, keepdim=True).values                 # (B, H, 1)
+        median = scores.masked_fill(~available, math.nan).nanmedian(dim=-1, keepdim=True).values  # (B, H, 1)
         return -(scores - median).abs()
     return priority
 
@@ -448,29 +410,27 @@ BRIDGE_MODES = ("median", "connectivity", "curvature")
 class CAB(Policy):
     """CAB: three parts of the budget, in this order:
       local (recent) = int(K * recent_ratio) most recent tokens (at least 1, as H2O),
-      importance     = K - local - bridge heavy hitters by accumulated score (as in H2O),
-      bridge         = int(K * bridge_ratio) tokens that connect the others, by `bridge` mode:
-                       "median" (accumulated score closest to the median of the rest, O(N)),
-                       "connectivity" or "curvature" (of the prompt's attention graph, N x N per head).
+      importance     = K - local - bridge heavy hitters by accumulated score (as H2O),
+      bridge         = int(K * bridge_ratio) tokens that connect the others, by `bridge` mode: "median",
+                       "connectivity" or "curvature" (the graph modes cost N x N per KV head).
     Importance takes what the other two leave, so recent_ratio + bridge_ratio must be <= 1."""
     name: ClassVar[str] = "cab"
-    recent_ratio: float = 0.3      # CAB's "local" share: the most recent tokens
-    bridge_ratio: float = 0.2      # tokens connecting the important ones
-    bridge: str = "median"         # one of BRIDGE_MODES
+    recent_ratio: float = knob(0.3, FRACTION)   # CAB's "local" share: the most recent tokens
+    bridge_ratio: float = knob(0.2, FRACTION)   # tokens connecting the important ones
+    bridge: str = knob("median", Rule("one of " + ", ".join(BRIDGE_MODES), lambda x: x in BRIDGE_MODES))
 
     def __post_init__(self):
-        _check_fraction("recent_ratio", self.recent_ratio)
-        _check_fraction("bridge_ratio", self.bridge_ratio)
+        super().__post_init__()
         if self.recent_ratio + self.bridge_ratio > 1.0 + 1e-9:
             raise ValueError(f"recent_ratio + bridge_ratio: expected at most 1 (importance takes the rest), "
                              f"got {self.recent_ratio} + {self.bridge_ratio}")
-        if self.bridge not in BRIDGE_MODES:
-            raise ValueError(f"bridge: unknown mode {self.bridge!r}; known modes: {', '.join(BRIDGE_MODES)}")
 
     def evidence(self, prompt):
         if self.bridge == "median":
             return {}
-        graph = attention_graph(prompt.q, prompt.k, scale=prompt.scale, key_mask=prompt.key_mask)  # (B, Hkv, N, N)
+        p = attention_probabilities(prompt.q, prompt.k, scale=prompt.scale, key_mask=prompt.key_mask)
+        n, nq = prompt.k.shape[2], prompt.q.shape[2]
+        graph = F.pad(p.mean(dim=2), (0, 0, n - nq, 0))                     # (B, Hkv, N, N), W = mean over G
         measure = connectivity if self.bridge == "connectivity" else forman_curvature
         return {self.bridge: measure(graph, prompt.key_mask)}
 
@@ -481,16 +441,14 @@ class CAB(Policy):
         return self.split(scores, k, context, self.recent_ratio, self.bridge_ratio)
 
     def split(self, scores, k, context, recent_ratio, bridge_ratio):
-        local = min(k, max(1, int(k * recent_ratio)))                       # at least the newest token, as H2O
+        local = recent_share(k, recent_ratio)
         bridge = min(int(k * bridge_ratio), k - local)
         if self.bridge == "median":
             bridge_priority = median_bridge(scores)
-        elif self.bridge == "connectivity":
-            bridge_priority = _need(context, "connectivity", self.name)
         else:
-            bridge_priority = -_need(context, "curvature", self.name)        # lowest curvature first
-        return [Part("local", local, recency(scores)),
-                Part("importance", k - local - bridge, scores),
+            evidence = _need(context, self.bridge, self.name)
+            bridge_priority = evidence if self.bridge == "connectivity" else -evidence   # lowest curvature first
+        return [Part("local", local, recency(scores)), Part("importance", k - local - bridge, scores),
                 Part("bridge", bridge, bridge_priority)]
 
 
@@ -498,149 +456,114 @@ class CAB(Policy):
 # 4. The fixes
 #
 # The failure: at 90% sparsity H2O and CAB keep almost none of the answer to a question about a long
-# context ("McLaren Vale" in diagnose.py's default prompt). Accumulated causal attention favours the
-# first token, sentence-final periods and early filler; the answer is a few tokens in the middle that
-# no query has needed yet. Each fix below changes one thing about what ranks the prompt.
+# context ("McLaren Vale" in diagnose.py's default prompt). Accumulated causal attention favours the first
+# token, sentence-final periods and early filler; the answer is a few tokens in the middle that no query
+# has needed yet. Each fix changes one thing about what ranks the prompt; "still fails" is why the next.
 
 def question_similarity(q, k, question_mask):
-    """Cosine similarity of every key to the question: cos(k_j, mean of the question's queries).
-
-    We compare the layer's own keys with the layer's own queries at the question positions, averaged
-    over the query heads of each KV head's group. That is the geometry the model itself uses to match
-    (q.k is its attention logit), unlike hidden states, which mix every head's subspace; cosine instead
-    of softmax keeps the comparison free of the few keys that dominate a softmax row. RoPE is applied to
-    both, so nearby positions are favoured slightly, as they are by the model.
-
-    q [B, Hq, Nq, D] (the prompt's queries, Nq = N); k [B, Hkv, N, D]; question_mask [B, N] bool.
-    Returns [B, Hkv, N] float32 in [-1, 1]; rows with no question tokens get 0.
-    """
+    """cos(k_j, mean of the question's queries), per KV head: the layer's own keys against the layer's own
+    queries at the question positions (averaged over the group), the geometry the model matches with
+    (q.k is its logit); cosine, not softmax, so the few keys that dominate a softmax row do not.
+    q [B, Hq, N, D]; k [B, Hkv, N, D]; question_mask [B, N]. [B, Hkv, N] in [-1, 1], 0 without a question."""
     b, hq, nq, d = q.shape
     hkv = k.shape[1]
     qm = question_mask[:, -nq:].to(torch.float32)                            # (B, Nq) question queries
     qg = q.float().view(b, hkv, hq // hkv, nq, d)                            # (B, Hkv, G, Nq, D)
-    weights = qm[:, None, None, :, None]                                     # (B, 1, 1, Nq, 1)
     count = qm.sum(-1).clamp_min(1.0)[:, None, None]                         # (B, 1, 1)
-    center = (qg * weights).sum(dim=(2, 3)) / (count * (hq // hkv))          # (B, Hkv, D)
+    center = (qg * qm[:, None, None, :, None]).sum(dim=(2, 3)) / (count * (hq // hkv))   # (B, Hkv, D)
     sim = F.cosine_similarity(k.float(), center[:, :, None, :], dim=-1, eps=1e-8)   # (B, Hkv, N)
-    return sim * (qm.sum(-1) > 0)[:, None, None]                             # (B, Hkv, N)
-
-
-def _question_similarity_evidence(policy, prompt):
-    if prompt.question_mask is None:
-        raise ValueError(f"question_span: policy {policy.name!r} needs the question's token positions")
-    return {"question_similarity": question_similarity(prompt.q, prompt.k, prompt.question_mask)}
-
-
-def max_normalised(x):
-    """x / max over tokens, so heavy hitters land in [0, 1] whatever the prompt length."""
-    return x / x.amax(dim=-1, keepdim=True).clamp_min(1e-30)
+    return sim * (qm.sum(-1) > 0)[:, None, None]
 
 
 @dataclass(frozen=True)
-class QuestionAware(Policy):
+class QuestionAware(H2O):
     """Fix 1, question-aware scoring. Fixes: accumulated attention ignores what was asked. Changes: heavy
-    hitters by  scores / max(scores) + alpha * cos(key, question)  (question_similarity), plus the
-    recent window; normalising the scores puts both terms on the same [0, 1]-ish scale.
-    Still fails (NOTES.md): keys similar to the question's mean query are the question's own words."""
+    hitters by  scores / max(scores) + alpha * question_similarity,  plus the recent window (the division
+    puts both terms on a [0, 1]-ish scale). Still fails: keys similar to the question's mean query are the
+    question's own words."""
     name: ClassVar[str] = "question_aware"
+    heavy: ClassVar[str] = "question_aware"
     needs_question: ClassVar[bool] = True
-    recent_ratio: float = 0.2
-    alpha: float = 1.0             # weight of the question similarity
-
-    def __post_init__(self):
-        _check_fraction("recent_ratio", self.recent_ratio)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            raise ValueError(f"alpha: expected a finite number, got {self.alpha!r}")
+    alpha: float = knob(1.0, Rule("a finite number", lambda x: is_number(x) and math.isfinite(x)))  # similarity weight
 
     def evidence(self, prompt):
-        return _question_similarity_evidence(self, prompt)
+        return {"question_similarity": question_similarity(prompt.q, prompt.k, prompt.question_mask)}
 
-    def parts(self, scores, k, context):
-        sim = _need(context, "question_similarity", self.name)
-        return recent_and(k, self.recent_ratio, scores, "question_aware", max_normalised(scores) + self.alpha * sim)
+    def priority(self, scores, context):
+        normalised = scores / scores.amax(dim=-1, keepdim=True).clamp_min(1e-30)
+        return normalised + self.alpha * _need(context, "question_similarity", self.name)
 
 
 def bidirectional_scores(q, k, v, *, scale=None, key_mask=None, attention_fn: AttentionFn = attention):
-    """Fix 2's evidence: column sums of a *non-causal* pass, so early tokens are also judged by what
-    later tokens (the question) make of them. Used only for ranking; the model's outputs stay causal."""
-    return attention_fn(q, k, v, scale=scale, causal=False, key_mask=key_mask)[1]         # (B, Hkv, N)
+    """Fix 2's evidence: column sums of a *non-causal* pass, so early tokens are also judged by what later
+    tokens (the question) make of them; for ranking only, the model's outputs stay causal. [B, Hkv, N]"""
+    return attention_fn(q, k, v, scale=scale, causal=False, key_mask=key_mask)[1]
 
 
 @dataclass(frozen=True)
-class Bidirectional(Policy):
-    """Fix 2, bidirectional scoring. Fixes: a causal context token is only judged by the tokens before
-    it, never by the question after it. Changes: heavy hitters by a non-causal pass over the prompt
-    (bidirectional_scores), plus the recent window. Decode-time evictions keep ranking by the prompt's
-    pass: a generated token has none (0) and stays only while recent.
-    Still fails (NOTES.md): the extra mass still lands on sinks and on the question's own words."""
+class Bidirectional(H2O):
+    """Fix 2, bidirectional scoring. Fixes: a causal context token is judged only by the tokens before it,
+    never by the question after it. Changes: heavy hitters by a non-causal pass over the prompt, plus the
+    recent window. Decode-time evictions keep ranking by the prompt's pass: a generated token has none (0)
+    and stays only while recent. Still fails: the extra mass lands on sinks and the question's own words."""
     name: ClassVar[str] = "bidirectional"
-    recent_ratio: float = 0.2
-
-    def __post_init__(self):
-        _check_fraction("recent_ratio", self.recent_ratio)
+    heavy: ClassVar[str] = "bidirectional"
 
     def evidence(self, prompt):
         return {"bidirectional_scores": bidirectional_scores(prompt.q, prompt.k, prompt.v, scale=prompt.scale,
                                                              key_mask=prompt.key_mask,
                                                              attention_fn=prompt.attention_fn)}
 
-    def parts(self, scores, k, context):
-        return recent_and(k, self.recent_ratio, scores, "bidirectional", context.get("bidirectional_scores", scores))
+    def priority(self, scores, context):
+        return context.get("bidirectional_scores", scores)
 
 
 @dataclass(frozen=True)
-class Delayed(Policy):
-    """Fix 3, delayed eviction. Fixes: the prompt is cut before any token has asked for the answer.
-    Changes: nothing is evicted during the prefill; the cut waits for the first generated token, whose
-    attention (decode_scores: attention received after the prompt, accumulated) ranks the heavy
-    hitters. Costs a full-size cache for one step. Still fails (NOTES.md): one token's attention in a
+class Delayed(H2O):
+    """Fix 3, delayed eviction. Fixes: the prompt is cut before any token has asked for the answer. Changes:
+    nothing is evicted in the prefill (cuts_prompt False); the first cut waits for the first generated
+    token and ranks heavy hitters by decode_scores, zero in the prompt, plus every later attention call's
+    scores (after_prompt). Costs a full-size cache for one step. Still fails: one token's attention in a
     small model is mostly on the sink."""
     name: ClassVar[str] = "delayed"
-    recent_ratio: float = 0.2
-
-    def __post_init__(self):
-        _check_fraction("recent_ratio", self.recent_ratio)
+    heavy: ClassVar[str] = "first_token"
+    cuts_prompt: ClassVar[bool] = False
 
     def evidence(self, prompt):
         return {"decode_scores": torch.zeros(prompt.k.shape[:3], device=prompt.k.device)}   # (B, Hkv, N)
 
-    def parts(self, scores, k, context):
-        return recent_and(k, self.recent_ratio, scores, "first_token", _need(context, "decode_scores", self.name))
+    def after_prompt(self, evidence, scores):
+        evidence["decode_scores"] = evidence["decode_scores"] + scores
+
+    def priority(self, scores, context):
+        return _need(context, "decode_scores", self.name)
 
 
 def is_question_at_end(question_mask, tail):
-    """True per row when the question's last token lies within `tail` tokens of the end of the prompt
+    """True per row when the question's last token is within `tail` tokens of the end of the prompt
     (question_mask [B, ..., N], the prompt's)."""
     n = question_mask.shape[-1]
-    positions = torch.arange(n, device=question_mask.device)
-    last = torch.where(question_mask, positions, -1).amax(dim=-1)            # (B, ...)
+    last = torch.where(question_mask, torch.arange(n, device=question_mask.device), -1).amax(dim=-1)  # (B, ...)
     return (last >= 0) & (last >= n - tail)
 
 
 @dataclass(frozen=True)
 class DynamicLocal(CAB):
-    """Fix 4, a local ratio from the prompt's structure. Fixes: CAB's fixed 30% recent share is wrong
-    for a QA prompt, whose recent tokens are the question. Changes: a question at the end (within
-    qa_tail tokens) gives local = qa_recent_ratio, bridge and importance share the rest in their
-    configured proportion; otherwise CAB's ratios. The question's position comes from question_mask,
-    never from guessing at strings, and is read once, in the prompt (evidence question_at_end: 1 in every
-    prompt slot of such a row); later evictions keep that decision while the row's cache holds any prompt
-    token. Still fails (NOTES.md): the recent tokens are the question, not the answer."""
+    """Fix 4, a local ratio from the prompt's structure. Fixes: CAB's fixed 30% recent share is wrong for a
+    QA prompt, whose recent tokens are the question. Changes: a question that ends within qa_tail tokens of
+    the prompt's end gives local = qa_recent_ratio (bridge and importance share the rest in their
+    proportion); otherwise CAB's ratios. Read once, from the prompt's question_mask (evidence question_at_end,
+    1 in every prompt slot of such a row): later evictions keep the decision while the row holds any prompt
+    token. Still fails: the recent tokens are the question, not the answer."""
     name: ClassVar[str] = "dynamic_local"
-    qa_recent_ratio: float = 0.9   # recent share when the question ends the prompt
-    qa_tail: int = 32              # "at the end" = the question ends this close to the end
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_fraction("qa_recent_ratio", self.qa_recent_ratio)
-        _check_int("qa_tail", self.qa_tail, 1)
+    qa_recent_ratio: float = knob(0.9, FRACTION)   # recent share when the question ends the prompt
+    qa_tail: int = knob(32, at_least(1))           # "at the end" = the question ends this close to the end
 
     def evidence(self, prompt):
         evidence = super().evidence(prompt)
         if prompt.question_mask is not None:
-            b, h, n = prompt.k.shape[:3]
             at_end = is_question_at_end(prompt.question_mask, self.qa_tail).float()   # (B,)
-            evidence["question_at_end"] = at_end[:, None, None].expand(b, h, n)
+            evidence["question_at_end"] = at_end[:, None, None].expand(prompt.k.shape[:3])
         return evidence
 
     def select(self, scores, k, context, valid):
@@ -651,8 +574,7 @@ class DynamicLocal(CAB):
             at_end = is_question_at_end(context["question_mask"], self.qa_tail)[..., None]
         else:
             return cab
-        other = 1.0 - self.recent_ratio
-        share = self.bridge_ratio / other if other > 0 else 0.0
+        share = self.bridge_ratio / (1.0 - self.recent_ratio) if self.recent_ratio < 1 else 0.0
         qa = fill_parts(self.split(scores, k, context, self.qa_recent_ratio, (1.0 - self.qa_recent_ratio) * share),
                         valid)
         return Selection(*(torch.where(at_end, a, c) for a, c in zip(qa[:2], cab[:2])), cab.names,
@@ -660,54 +582,47 @@ class DynamicLocal(CAB):
 
 
 @dataclass(frozen=True)
-class HybridSemantic(Policy):
-    """Fix 5, hybrid local + semantic. Fixes: attention is the wrong signal altogether. Changes: the
-    recent window plus the tokens most similar to the question (question_similarity), ignoring the
-    scores. Still fails (NOTES.md): similar keys are the question's words, not the answer."""
+class HybridSemantic(H2O):
+    """Fix 5, hybrid local + semantic. Fixes: attention is the wrong signal altogether. Changes: the recent
+    window plus the keys most similar to the question (question_similarity); no scores. Still fails:
+    similar keys are the question's words, not the answer."""
     name: ClassVar[str] = "hybrid_semantic"
+    heavy: ClassVar[str] = "semantic"
     needs_question: ClassVar[bool] = True
-    recent_ratio: float = 0.2
-
-    def __post_init__(self):
-        _check_fraction("recent_ratio", self.recent_ratio)
 
     def evidence(self, prompt):
-        return _question_similarity_evidence(self, prompt)
+        return {"question_similarity": question_similarity(prompt.q, prompt.k, prompt.question_mask)}
 
-    def parts(self, scores, k, context):
-        return recent_and(k, self.recent_ratio, scores, "semantic", _need(context, "question_similarity", self.name))
+    def priority(self, scores, context):
+        return _need(context, "question_similarity", self.name)
 
     def ranks_by_scores(self, question, token_ids):
         return False
 
 
+def same_word(vn, cols, threshold, head_group=None):
+    """m[..., j, i] = relu((cos(v_j, v_i) - threshold) / (1 - threshold)) for every key j and the tokens i in
+    `cols`: how surely key j is the same word as token i. Values carry no RoPE and in the first layers are
+    mostly a function of the token, so cos(v_j, v_i) near 1 means "the same word" wherever they stand.
+    Word identity is no per-head matter: cosines are averaged over the layer's KV heads (every rank's
+    under tensor parallelism, head_sum). vn [..., Hkv, N, D] unit-norm values. [..., N, Q]."""
+    cos = head_sum((vn @ vn[..., cols, :].mT).sum(-3), head_group) / (vn.shape[-3] * head_group_size(head_group))
+    return ((cos - threshold) / (1.0 - threshold)).clamp_min(0.0)
+
+
 def question_match(v, question_mask, threshold=0.5, key_mask=None, head_group=None):
-    """MatchSpan's evidence: how strongly key j shares a word with the question, rare words counting more.
+    """MatchSpan's evidence: how strongly key j shares a word with the question, rare words counting more,
 
-    Values carry no RoPE, and in the first layers a value is mostly a function of the token itself, so
-    cos(v_j, v_i) close to 1 means "token j is the same word as question token i" wherever they stand.
-    With m[j, i] = relu((cos(v_j, v_i) - threshold) / (1 - threshold)) for question tokens i and keys j
-    before the question,
+        question_match[j] = sum over question tokens i of m[j, i] / (1 + sum over j' of m[j', i])
 
-        question_match[j] = sum over i of m[j, i] / (1 + sum over j' of m[j', i]),
-
-    an inverse-document-frequency weighting: a question word found all over the context ("the", "of")
-    adds little, one found in a single place adds up to 1. Cosines are averaged over the KV heads (word
-    identity is not a per-head matter), so every head gets the same evidence, normalised to sum 1 over
-    the keys. Keys from the question on get 0 (the question matches itself).
-
-    v [B, Hkv, N, D]; question_mask [B, N] bool; key_mask [B, N] or None; head_group: see head_sum
-    (under tensor parallelism the mean runs over every rank's heads). Returns [B, Hkv, N] float32.
-    """
+    (m: same_word) over keys before the question; an inverse-document-frequency weighting: a question word
+    found all over the context ("the") adds little, one found once up to 1. Normalised to sum 1 over the
+    keys, the same in every head. v [B, Hkv, N, D]; question_mask, key_mask [B, N]. [B, Hkv, N] float32."""
     b, hkv, n, _ = v.shape
     cols = question_mask.any(dim=0).nonzero().squeeze(-1)                   # (Q,) question positions, any row
-    vn = F.normalize(v.float(), dim=-1)                                      # (B, Hkv, N, D)
-    cos = head_sum((vn @ vn[:, :, cols].mT).sum(dim=1), head_group)          # (B, N, Q) key j x question token i
-    cos = cos / (hkv * head_group_size(head_group))                          # mean over the layer's KV heads
-    m = ((cos - threshold) / (1.0 - threshold)).clamp_min(0.0)               # (B, N, Q)
+    m = same_word(F.normalize(v.float(), dim=-1), cols, threshold, head_group)   # (B, N, Q)
     positions = torch.arange(n, device=v.device)
-    first = torch.where(question_mask, positions, n).amin(dim=-1)            # (B,) question start
-    before = positions[None, :] < first[:, None]                             # (B, N) candidate keys
+    before = positions[None, :] < torch.where(question_mask, positions, n).amin(dim=-1)[:, None]   # (B, N)
     if key_mask is not None:
         before = before & key_mask
     m = m * before[:, :, None] * question_mask[:, None, cols]                # (B, N, Q) this row's question only
@@ -717,60 +632,46 @@ def question_match(v, question_mask, threshold=0.5, key_mask=None, head_group=No
     return match[:, None, :].expand(b, hkv, n).contiguous()                  # (B, Hkv, N)
 
 
-def question_first(priority, question_mask):
-    """priority [B, H, N] with the question's own tokens (question_mask [B, 1|H, N]) above every other key."""
-    return torch.where(question_mask, priority.amax(-1, keepdim=True) + 1.0, priority)
-
-
-def question_and(rest, question_tokens, name, priority, context):
-    """The last `rest` tokens of a question-driven policy's budget: the evidence by `priority`, and up to
-    `question_tokens` of the question's own tokens ranked above it (a kept answer is of little use to a
-    model that lost half of the question it answers: NOTES.md). The evidence comes first: the question
-    gets only what exceeds question_tokens of evidence, so a small budget keeps evidence alone. A question
-    shorter than its share leaves the rest of the share to `priority`; a longer one keeps its last tokens."""
-    question_mask = context.get("question_mask")
-    question = 0 if question_mask is None else max(0, min(question_tokens, rest - question_tokens))
-    if question == 0:
-        return [Part(name, rest, priority)]
-    return [Part("question", question, question_first(priority, question_mask)), Part(name, rest - question, priority)]
+def sinks_recent_and(policy, k, scores, name, priority, question_mask=None):
+    """The parts of MatchSpan, SentenceMatch and FactSlots: the first `sinks` tokens, recent_share of K most
+    recent tokens, the rest by `priority` (by the scores, as "heavy", when it is None). With a question,
+    up to `question_tokens` of its own tokens rank above the evidence, but only from as much evidence on:
+    a small budget keeps the evidence alone (a kept answer is of little use to a model that lost half of
+    its question); a shorter question leaves the rest of its share to `priority`, a longer keeps its end."""
+    sinks = min(policy.sinks, k)
+    recent = recent_share(k, policy.recent_ratio, room=k - sinks)
+    rest = k - sinks - recent
+    parts = [Part("sink", sinks, -recency(scores)), Part("recent", recent, recency(scores))]
+    if priority is None:
+        return parts + [Part("heavy", rest, scores)]
+    tokens = 0 if question_mask is None else policy.question_tokens
+    question = max(0, min(tokens, rest - tokens))
+    if question:                                 # the question's tokens above every other key
+        parts.append(Part("question", question, torch.where(question_mask, priority.amax(-1, keepdim=True) + 1.0,
+                                                             priority)))
+    return parts + [Part(name, rest - question, priority)]
 
 
 @dataclass(frozen=True)
 class MatchSpan(Policy):
-    """Fix 6, keep the passage that answers the question. Fixes: attention from the question lands on
-    the needle's words that *match* the question, not on the answer beside them, and in a small model
-    mostly on sinks and on the question's own label (NOTES.md). Changes: rank by word overlap with the
-    question (question_match, from the first `layers` layers) and keep whole neighbourhoods:
+    """Fix 6, keep the passage that answers the question. Fixes: attention from the question lands on the
+    needle's words that *match* the question, not on the answer beside them (and in a small model mostly on
+    sinks and the question's own label). Changes: rank by word overlap with the question (question_match,
+    averaged over the first `layers` layers) and keep whole neighbourhoods:
         stretch[j]  = mean of question_match over the `window` tokens centred on j,
         priority[j] = max of stretch over the `radius` tokens either side of j,
-    so every token within `radius` of the best-matching stretch ties at that stretch's value and the
-    whole neighbourhood is kept (2 * radius + 1 tokens), then the next-best stretch.
-    Parts: the first `sinks` tokens, recent_ratio of K (at least 1) most recent tokens (the chat
-    template's tail), the rest by priority, with up to `question_tokens` of the question (question_and).
-    Decode-time evictions pool over
-    the remaining slots (new tokens have question_match 0).
-    Without a question (no question_span) it ranks the rest by accumulated score, i.e. it is H2O with
-    sinks. Still fails (NOTES.md): bridge questions, whose answer's sentence shares no word with the
-    question, and paraphrased predicates far from the named entity."""
+    so the 2 * radius + 1 tokens around the best stretch tie and are kept together, then the next-best.
+    Parts: sinks_recent_and; decode-time evictions pool over the slots left (new tokens have match 0).
+    Without a question (no question_span) it is H2O with sinks. Still fails: bridge questions, whose
+    answer's sentence shares no word with the question, and paraphrased predicates far from the entity."""
     name: ClassVar[str] = "match_span"
-    sinks: int = 1                 # attention sinks (1: at 10% of a short prompt every slot counts)
-    recent_ratio: float = 0.2
-    threshold: float = 0.5         # cos(v_j, v_i) above which key j counts as "the same word" as question token i
-    window: int = 9                # odd width of the moving average that turns word matches into a stretch score
-    radius: int = 9                # keep this many tokens either side of a well-matching stretch
-    layers: int = 1                # question_match averaged over the first `layers` layers, then reused
-    question_tokens: int = 32      # question tokens kept once the evidence has as many (question_and)
-
-    def __post_init__(self):
-        _check_int("sinks", self.sinks, 0)
-        _check_fraction("recent_ratio", self.recent_ratio)
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
-                or not -1.0 <= self.threshold < 1.0:      # 1.0 would divide by zero in question_match
-            raise ValueError(f"threshold: expected a value in [-1, 1), got {self.threshold!r}")
-        _check_odd("window", self.window)
-        _check_int("radius", self.radius, 0)
-        _check_int("layers", self.layers, 1)
-        _check_int("question_tokens", self.question_tokens, 0)
+    sinks: int = knob(1, at_least(0))           # attention sinks (1: at 10% of a short prompt every slot counts)
+    recent_ratio: float = knob(0.2, FRACTION)
+    threshold: float = knob(0.5, COSINE)        # cos(v_j, v_i) above which key j is "the same word" as token i
+    window: int = knob(9, ODD)                  # moving average that turns word matches into a stretch score
+    radius: int = knob(9, at_least(0))          # keep this many tokens either side of a well-matching stretch
+    layers: int = knob(1, at_least(1))          # question_match averaged over the first `layers` layers
+    question_tokens: int = knob(32, at_least(0))   # question tokens kept once the evidence has as many
 
     def evidence(self, prompt):
         if prompt.question_mask is None:
@@ -785,102 +686,75 @@ class MatchSpan(Policy):
         return not question
 
     def parts(self, scores, k, context):
-        sinks = min(self.sinks, k)
-        recent = min(k - sinks, max(1, int(k * self.recent_ratio)))
-        head = [Part("sink", sinks, -recency(scores)), Part("recent", recent, recency(scores))]
-        match = context.get("question_match")
-        if match is None:
-            return head + [Part("heavy", k - sinks - recent, scores)]
-        b, h, n = match.shape
-        stretch = F.avg_pool1d(match.float().reshape(b * h, 1, n), self.window, stride=1,
-                               padding=self.window // 2, count_include_pad=False)   # (B*H, 1, N)
-        priority = F.max_pool1d(stretch, 2 * self.radius + 1, stride=1, padding=self.radius).reshape(b, h, n)
-        return head + question_and(k - sinks - recent, self.question_tokens, "span", priority, context)
+        match, priority = context.get("question_match"), None
+        if match is not None:
+            b, h, n = match.shape
+            stretch = F.avg_pool1d(match.float().reshape(b * h, 1, n), self.window, stride=1,
+                                   padding=self.window // 2, count_include_pad=False)   # (B*H, 1, N)
+            priority = F.max_pool1d(stretch, 2 * self.radius + 1, stride=1, padding=self.radius).reshape(b, h, n)
+        return sinks_recent_and(self, k, scores, "span", priority, context.get("question_mask"))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Fixes for questions that do not share the answer's words: sentence matching, a second
-# matching round through the bridge entity, and query-agnostic keeping of a context's distinctive facts.
+# Questions that share no word with the answer: SentenceMatch keeps whole sentences and matches a second
+# round through the bridge entity; FactSlots keeps a context's distinctive facts before any question.
 
 def sentence_index(token_ids, boundary_ids):
     """Sentence number of every token [B, N] int64: a token ending a sentence (its id in boundary_ids)
     belongs to that sentence, the next token starts a new one. None without token ids or boundary ids."""
     if token_ids is None or not boundary_ids:
         return None
-    ends = torch.isin(token_ids, torch.tensor(boundary_ids, device=token_ids.device))   # (B, N)
-    return ends.long().cumsum(-1) - ends.long()                              # (B, N)
+    ends = torch.isin(token_ids, torch.tensor(boundary_ids, device=token_ids.device)).long()   # (B, N)
+    return ends.cumsum(-1) - ends
 
 
 def sentence_end_ids(tokenizer) -> tuple:
-    """The ids of the tokens that end a sentence: their text, stripped, ends in ".", "?" or "!" (".",
-    "?", ").", ".\n", ...). For SentenceMatch(boundary_ids=sentence_end_ids(tokenizer))."""
+    """The ids of the tokens whose text, stripped, ends in ".", "?" or "!" (".", ").", ".\\n", ...):
+    SentenceMatch(boundary_ids=sentence_end_ids(tokenizer))."""
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
     return tuple(i for i, text in enumerate(texts) if text.rstrip().endswith((".", "?", "!")))
 
 
-def _check_boundary_ids(value):
-    if not isinstance(value, tuple) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                               for i in value):
-        raise ValueError(f"boundary_ids: expected a tuple of token ids (ints >= 0), got {value!r}")
-
-
-def fixed_segments(b, n, segment, device):
-    """The stand-in for sentences without boundaries: segments of `segment` tokens [B, N] int64 (a
-    sentence may be cut in two)."""
-    return (torch.arange(n, device=device) // segment).expand(b, n)         # (B, N)
-
-
 def word_match(vn, query, candidates, threshold, head_group=None):
-    """Word identity of every key with a set of query tokens, each query word shared out among its
-    occurrences:
-        m[j, i] = relu((cos(v_j, v_i) - threshold) / (1 - threshold)),
-        match[j] = sum over i of m[j, i] / max(1, sum over j' of m[j', i])
-    over query tokens i (query [N] bool) and candidate keys j (candidates [N] bool); 0 elsewhere. A word
-    found once elsewhere (an entity) gives its sentence 1, a template word shared by c sentences 1 / c
-    each (question_match's 1 / (1 + c) would tie a two-token entity with a three-word template shared
-    by one other sentence). vn [Hkv, N, D] unit-norm first-layer values of one batch row; cosines
-    averaged over the layer's KV heads, every rank's under tensor parallelism (head_sum). Returns [N]."""
-    cols = query.nonzero().squeeze(-1)                                       # (Q,)
-    cos = head_sum((vn @ vn[:, cols].mT).sum(0), head_group) / (vn.shape[0] * head_group_size(head_group))  # (N, Q)
-    m = ((cos - threshold) / (1.0 - threshold)).clamp_min(0.0) * candidates[:, None]
-    return (m / m.sum(0, keepdim=True).clamp_min(1.0)).sum(-1)              # (N,)
+    """Word identity of every key with the query tokens (query [N] bool), each query word shared out among
+    its occurrences:  match[j] = sum over i of m[j, i] / max(1, sum over j' of m[j', i])  (m: same_word)
+    over candidate keys j (candidates [N] bool). A word found once elsewhere (an entity) gives its sentence
+    1, a template word shared by c sentences 1 / c each (question_match's 1 / (1 + c) would tie a two-token
+    entity with a three-word template shared by one other sentence). vn [Hkv, N, D] one row's values. [N]"""
+    m = same_word(vn, query.nonzero().squeeze(-1), threshold, head_group) * candidates[:, None]   # (N, Q)
+    return (m / m.sum(0, keepdim=True).clamp_min(1.0)).sum(-1)
 
 
 def sentence_sums(x, sentence):
     """Every token gets the sum of x over its sentence. x [N] float, sentence [N] int64."""
-    total = x.new_zeros(int(sentence.max()) + 1).index_add_(0, sentence, x)
-    return total[sentence]                                                   # (N,)
+    return x.new_zeros(int(sentence.max()) + 1).index_add_(0, sentence, x)[sentence]
 
 
 def nearness(weight, positions):
-    """Within a kept sentence, how close token j is to the words that matched, rare words counting more:
-    max over matched tokens m of weight[m] / (1 + |j - m|), in [0, 1]. The answer sits next to the words
-    the question shares with its sentence; when the sentence is longer than its share of the budget this
-    keeps that neighbourhood instead of the sentence's last tokens. weight [N] >= 0 (0 = no match). [N]."""
+    """How close token j is to the words that matched, rare words counting more: max over matched tokens m
+    of weight[m] / (1 + |j - m|), in [0, 1] (weight [N] >= 0, 0 = no match). The answer sits next to the
+    words the question shares with its sentence: a sentence longer than its share keeps those first. [N]"""
     matched = weight > 0
     if not bool(matched.any()):
         return torch.zeros_like(weight)
     distance = (positions[:, None] - positions[matched][None, :]).abs()      # (N, M)
-    return (weight[matched].clamp_max(1.0) / (1.0 + distance)).amax(-1)      # (N,)
+    return (weight[matched].clamp_max(1.0) / (1.0 + distance)).amax(-1)
 
 
 def hop_sentences(v, question_mask, sentence, key_mask, threshold, hops, head_group=None):
-    """The sentence-match evidence of SentenceMatch: per key, a priority [B, N] in which the sentence
-    matching the question best (hop 1) ranks above the sentence found from it (hop 2), ... above every
-    other sentence, ranked by its best match in any round (scaled to [0, 1])."""
+    """SentenceMatch's evidence [B, N]: the sentence matching the question best (hop 1) ranks above the
+    sentence matching hop 1's new words (hop 2) ... above every other sentence, by its best match in any
+    round (in [0, 1]). A host sync per hop (the best sentence's argmax)."""
     b, _, n, _ = v.shape
     vn = F.normalize(v.float(), dim=-1)                                      # (B, Hkv, N, D)
     positions = torch.arange(n, device=v.device)
     priority = torch.zeros(b, n, device=v.device)
     for row in range(b):
-        qm = question_mask[row]
+        qm, sid = question_mask[row], sentence[row]
         if not bool(qm.any()):
             continue
         candidates = positions < int(qm.nonzero()[0])                        # keys before the question
-        if key_mask is not None:
-            candidates = candidates & key_mask[row]
-        sid = sentence[row]
-        query, best, chosen = qm, torch.zeros(n, device=v.device), torch.zeros(n, dtype=torch.bool, device=v.device)
+        candidates = candidates if key_mask is None else candidates & key_mask[row]
+        query, best, chosen = qm, torch.zeros(n, device=v.device), torch.zeros_like(qm)
         for hop in range(hops):
             match = word_match(vn[row], query, candidates & ~chosen, threshold, head_group)
             per_sentence = sentence_sums(match, sid) * (candidates & ~chosen)
@@ -888,10 +762,9 @@ def hop_sentences(v, question_mask, sentence, key_mask, threshold, hops, head_gr
                 break
             best = torch.maximum(best, per_sentence / per_sentence.max())
             found = (sid == sid[int(per_sentence.argmax())]) & candidates
-            near = nearness(match * found, positions) if hop == 0 else 0.0   # (N,) the question's sentence only
+            near = nearness(match * found, positions) if hop == 0 else 0.0   # the question's sentence only
             priority[row] += (hops - hop + 1 + 0.5 * near) * found
-            repeats_query = (match > 0) & found                              # words the last query had
-            query, chosen = found & ~repeats_query, chosen | found           # the new words: the bridge
+            query, chosen = found & ~((match > 0) & found), chosen | found   # its new words: the bridge
             if not bool(query.any()):
                 break
         priority[row] += best
@@ -900,63 +773,27 @@ def hop_sentences(v, question_mask, sentence, key_mask, threshold, hops, head_gr
 
 @dataclass(frozen=True)
 class SentenceMatch(Policy):
-    """Keep whole sentences: the one sharing the question's rarest words, then the one sharing the
-    *new* words of that sentence (the bridge entity), and so on for `hops` rounds.
-
-    Fixes two failures of MatchSpan (bridge_suite.jsonl / paraphrase_suite.jsonl):
-    - bridge questions ("What is the home town of the architect of the Harlow Bridge?"): the answer's
-      sentence ("Mira Ostrand grew up in Telsby ...") shares no word with the question, only the bridge
-      entity named in the sentence that does ("The Harlow Bridge was designed by Mira Ostrand."). Round
-      two queries with the tokens of the hop-1 sentence that are not question words, so the bridge
-      entity's other occurrence is found wherever it stands (before or after, any distance).
-    - paraphrased predicates ("Where is Orlin Foods based?" for "Orlin Foods has its headquarters in the
-      old harbour district of Dunmore."): the entity matches, and the answer, several words past it, is
-      in the same sentence, which is kept whole instead of a fixed radius around the match.
-    Word identity is first-layer values, as question_match, but with threshold 0.9: a first-layer value
-    is a function of the token alone (identical tokens have cosine 1), while unrelated tokens reach
-    0.5-0.75 ("architect" vs " choir" 0.71), which at MatchSpan's 0.5 made every word match.
-    Sentences end at tokens in `boundary_ids` (e.g. sentence_end_ids(tokenizer)), read from the prompt's
-    token ids (CabCache(token_ids=...)); without them, fixed segments of `segment` tokens.
-    Priority: hop-1 sentence > hop-2 sentence > ... > every other sentence by its best match in any round.
-    Parts: `sinks` first tokens, recent_ratio of K most recent tokens, the rest by that priority, with
-    up to `question_tokens` of the question (question_and).
-    Without a question it ranks the rest by accumulated score (H2O with sinks), as MatchSpan.
-    Still fails: a bridge entity written differently in its two sentences (a pronoun, "the architect");
-    a hop-1 sentence won by a distractor sharing more question words; hop 2 won by the one other
-    sentence sharing the hop-1 sentence's template ("The Selby Tower was designed by ...") when no third
-    sentence shares it, since its three template words then count as much as the entity's tokens
-    (test_policies_hard.py keeps two such distractors); a hop-2 sentence longer than its share of the
-    budget (kept in part, its later tokens first). The question's own sentence, when longer than its
-    share, keeps the tokens nearest its rare matched words first (`nearness`): on diagnose.py's default
-    prompt at 90% (22 slots for a needle sentence of about 35 tokens) that keeps "McLaren Vale", which
-    later-tokens-first lost (retention 0.00 -> 1.00).
-    Measured (SmolLM2-135M, 90% sparsity, 40 items per suite, NOTES.md): answer retention on
-    bridge_suite.jsonl 1.00 (match_span 0.03, h2o 0.04, random 0.10; hops=1 0.00) with accuracy 0.20
-    (dense 0.075), paraphrase_suite.jsonl 1.00 (match_span 0.14) with accuracy 0.15 (dense 0.15; 0.175
-    before `nearness`), lexical_suite.jsonl and qa_suite.jsonl 1.00; with fixed segments instead of
-    sentence ends (first 10 items) 0.50 / 0.07 / 0.70 on bridge / paraphrase / lexical.
-    Cost: no extra forward; one N x Q and `hops` N x S cosine products on the first layer's values
-    (S = the found sentence's length), recomputed per layer as MatchSpan's, and a host sync per hop
-    (argmax of the sentence scores)."""
+    """Fix 7, keep whole sentences, reached in hops. Fixes two failures of MatchSpan:
+    - bridge questions ("home town of the architect of the Harlow Bridge?"): the answer's sentence ("Mira
+      Ostrand grew up in Telsby") shares only the bridge entity of the sentence that matches the question
+      ("The Harlow Bridge was designed by Mira Ostrand");
+    - paraphrased predicates ("Where is Orlin Foods based?" for "Orlin Foods has its headquarters in ...
+      Dunmore"): the answer stands in the matching sentence, but past MatchSpan's radius.
+    Changes: keep the sentence sharing the question's rarest words, then the one sharing that sentence's
+    *new* words (the bridge entity), for `hops` rounds (hop_sentences). Word identity as question_match's,
+    at threshold 0.9 (identical tokens have cosine 1; unrelated ones often pass 0.5). Sentences end at
+    `boundary_ids` in the prompt's token ids (CabCache(token_ids=...)), else every `segment` tokens. Parts
+    and the no-question case as MatchSpan's. Still fails: an entity written differently in its two
+    sentences (a pronoun); a hop-1 distractor sharing more question words; hop 2 won by the one other
+    sentence sharing hop 1's template when no third shares it; a hop-2 sentence longer than its share."""
     name: ClassVar[str] = "sentence_match"
-    sinks: int = 1
-    recent_ratio: float = 0.2
-    threshold: float = 0.9         # cos(v_j, v_i) above which key j is "the same word" as query token i
-    hops: int = 2                  # matching rounds: 1 = the question's sentence only, 2 = + the bridge's
-    boundary_ids: tuple = ()       # token ids that end a sentence (needs the prompt's token ids)
-    segment: int = 16              # sentence stand-in without boundaries: fixed segments of this many tokens
-    question_tokens: int = 32      # question tokens kept once the evidence has as many (question_and)
-
-    def __post_init__(self):
-        _check_int("sinks", self.sinks, 0)
-        _check_fraction("recent_ratio", self.recent_ratio)
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
-                or not -1.0 <= self.threshold < 1.0:
-            raise ValueError(f"threshold: expected a value in [-1, 1), got {self.threshold!r}")
-        _check_int("hops", self.hops, 1)
-        _check_boundary_ids(self.boundary_ids)
-        _check_int("segment", self.segment, 1)
-        _check_int("question_tokens", self.question_tokens, 0)
+    sinks: int = knob(1, at_least(0))
+    recent_ratio: float = knob(0.2, FRACTION)
+    threshold: float = knob(0.9, COSINE)        # cos(v_j, v_i) above which key j is "the same word" as token i
+    hops: int = knob(2, at_least(1))            # matching rounds: 1 = the question's sentence, 2 = + the bridge's
+    boundary_ids: tuple = knob((), TOKEN_IDS)   # token ids that end a sentence (needs the prompt's token ids)
+    segment: int = knob(16, at_least(1))        # without boundaries: "sentences" of this many tokens
+    question_tokens: int = knob(32, at_least(0))   # question tokens kept once the evidence has as many
 
     def evidence(self, prompt):
         if prompt.question_mask is None:
@@ -964,7 +801,7 @@ class SentenceMatch(Policy):
         b, h, n, _ = prompt.v.shape
         sentence = sentence_index(prompt.token_ids, self.boundary_ids)
         if sentence is None:
-            sentence = fixed_segments(b, n, self.segment, prompt.v.device)
+            sentence = (torch.arange(n, device=prompt.v.device) // self.segment).expand(b, n)
         priority = hop_sentences(prompt.v, prompt.question_mask, sentence, prompt.key_mask, self.threshold, self.hops,
                                  prompt.head_group)
         return {"sentence_match": priority[:, None, :].expand(b, h, n).contiguous()}
@@ -976,69 +813,38 @@ class SentenceMatch(Policy):
         return not question
 
     def parts(self, scores, k, context):
-        sinks = min(self.sinks, k)
-        recent = min(k - sinks, max(1, int(k * self.recent_ratio)))
-        head = [Part("sink", sinks, -recency(scores)), Part("recent", recent, recency(scores))]
-        priority = context.get("sentence_match")
-        if priority is None:
-            return head + [Part("heavy", k - sinks - recent, scores)]
-        return head + question_and(k - sinks - recent, self.question_tokens, "sentences", priority, context)
+        question = context.get("question_mask")
+        return sinks_recent_and(self, k, scores, "sentences", context.get("sentence_match"), question)
+
 
 def token_counts(token_ids, key_mask=None):
     """How often each token's id occurs among the row's real tokens: [B, N] float32 (0 for padding)."""
-    b, n = token_ids.shape
     real = torch.ones_like(token_ids, dtype=torch.bool) if key_mask is None else key_mask
-    counts = torch.zeros(b, n, device=token_ids.device)
-    for row in range(b):
+    counts = torch.zeros(token_ids.shape, device=token_ids.device)
+    for row in range(token_ids.shape[0]):
         _, inverse, per_id = torch.unique(token_ids[row], return_inverse=True, return_counts=True)
-        real_per_id = torch.zeros_like(per_id).index_add_(0, inverse, real[row].long())
-        counts[row] = real_per_id[inverse].float() * real[row]
+        counts[row] = torch.zeros_like(per_id).index_add_(0, inverse, real[row].long())[inverse].float() * real[row]
     return counts
 
 
 @dataclass(frozen=True)
 class FactSlots(Policy):
-    """Before the question exists, keep the words that tell similar sentences apart.
-
-    Fixes: compression before the question (the after-the-cut setting), where H2O, SnapKV and a
-    KVzip-style reconstruction score keep no more of the answer than random eviction at 90% sparsity on
-    these suites (NOTES.md). A question will ask about a fact; a context's facts of one kind share a
-    pattern ("X grew up in Y and still visits it often.") and differ in their slots (X, Y).
-      template[s] = mean over sentence s's tokens of [2 <= c <= max_repeat] / c, c = the token's count in
-                    the prompt (words shared by a few sentences, not by all: "grew up", not "the"),
+    """Fix 8, before the question exists keep the words that tell similar sentences apart. Fixes:
+    compression before the question, where H2O and SnapKV keep no more of the answer than random eviction
+    at 90%. A question will ask about a fact; facts of one kind share a pattern ("X grew up in Y.") and
+    differ in their slots (X, Y). Changes, with c the count of a token in the prompt:
+      template[s] = mean over sentence s of [2 <= c <= max_repeat] / c  (shared by a few sentences, not all),
       priority[j] = template[sentence of j] * (1 + slot_bonus * [c_j == 1]),
-    so sentences that share a pattern rank first, their one-off words (names, places) first within them.
-    Parts: `sinks` first tokens, recent_ratio of K most recent tokens, the rest by priority.
-    Needs the prompt's token ids and sentence ends (CabCache(token_ids=...), boundary_ids as
-    SentenceMatch); without them it ranks by accumulated score (H2O with sinks).
-    Still fails: answering. At 90% it keeps the slot words without the words that relate them, and the
-    model cannot tell which name goes with which: accuracy after the cut 0.00 on bridge and paraphrase
-    (dense 0.075 / 0.15) while keeping 0.99 / 0.57 of the answer (slot_bonus=0, whole patterned
-    sentences: retention 0.32 / 0.27, accuracy 0.00 / 0.05 on 20 items, dense 0.05 / 0.30). Facts that share no pattern
-    (free prose, each fact worded its own way), where it keeps the sentences with the most
-    mid-frequency words; kinds with more than max_repeat facts. Its retention on these suites is a
-    property of their generators (same-type facts among one-off filler), not evidence about real text.
-    Measured after the cut (SmolLM2-135M, 40 items per suite, NOTES.md), answer retention at 50 / 75 /
-    90% sparsity: bridge 1.00 / 0.99 / 0.99, paraphrase 0.96 / 0.93 / 0.57, lexical 0.90 / 0.90 / 0.73,
-    qa_suite 0.93 / 0.93 / 0.77 (random 0.50 / 0.25 / 0.10; h2o and SnapKV <= 0.05 at 90%, a KVzip-style
-    reconstruction score 0.08-0.10). Knob defaults were tuned on the first 12 items of the paraphrase,
-    lexical and qa suites; on the other 28 it keeps 0.57 / 0.77 / 0.80 at 90%.
-    Cost: no extra forward; a unique() over the prompt's ids per batch row."""
+    so patterned sentences rank first, their one-off words (names, places) first within them. Parts:
+    sinks_recent_and. Needs token ids and boundary_ids (as SentenceMatch), else H2O with sinks. Still
+    fails: answering (at 90% it keeps slot words without the words relating them); facts that share no
+    pattern; kinds with more than max_repeat facts."""
     name: ClassVar[str] = "fact_slots"
-    sinks: int = 1
-    recent_ratio: float = 0.0      # share of the budget for the most recent tokens (at least 1; no question yet)
-    max_repeat: int = 16           # a word in at most this many places can be a pattern word
-    slot_bonus: float = 10.0       # extra weight of a one-off word inside a patterned sentence
-    boundary_ids: tuple = ()       # token ids that end a sentence, as SentenceMatch
-
-    def __post_init__(self):
-        _check_int("sinks", self.sinks, 0)
-        _check_fraction("recent_ratio", self.recent_ratio)
-        _check_int("max_repeat", self.max_repeat, 2)
-        if isinstance(self.slot_bonus, bool) or not isinstance(self.slot_bonus, (int, float)) \
-                or not 0.0 <= self.slot_bonus < math.inf:
-            raise ValueError(f"slot_bonus: expected a finite number >= 0, got {self.slot_bonus!r}")
-        _check_boundary_ids(self.boundary_ids)
+    sinks: int = knob(1, at_least(0))
+    recent_ratio: float = knob(0.0, FRACTION)   # share for the most recent tokens (at least 1; no question yet)
+    max_repeat: int = knob(16, at_least(2))     # a word in at most this many places can be a pattern word
+    slot_bonus: float = knob(10.0, Rule("a finite number >= 0", lambda x: is_number(x, 0, math.inf, open_high=True)))
+    boundary_ids: tuple = knob((), TOKEN_IDS)   # token ids that end a sentence, as SentenceMatch
 
     def evidence(self, prompt):
         sentence = sentence_index(prompt.token_ids, self.boundary_ids)
@@ -1049,9 +855,8 @@ class FactSlots(Policy):
         pattern = ((counts >= 2) & (counts <= self.max_repeat)) / counts.clamp_min(1)   # (B, N)
         priority = torch.zeros(b, n, device=prompt.v.device)
         for row in range(b):
-            sid = sentence[row]
-            length = sentence_sums(torch.ones(n, device=sid.device), sid)
-            template = sentence_sums(pattern[row].float(), sid) / length
+            length = sentence_sums(torch.ones(n, device=prompt.v.device), sentence[row])
+            template = sentence_sums(pattern[row].float(), sentence[row]) / length
             priority[row] = template * (1.0 + self.slot_bonus * (counts[row] == 1))
         return {"fact_slots": priority[:, None, :].expand(b, h, n).contiguous()}
 
@@ -1059,25 +864,19 @@ class FactSlots(Policy):
         return not (token_ids and self.boundary_ids)
 
     def parts(self, scores, k, context):
-        sinks = min(self.sinks, k)
-        recent = min(k - sinks, max(1, int(k * self.recent_ratio)))
-        priority = context.get("fact_slots")
-        return [Part("sink", sinks, -recency(scores)), Part("recent", recent, recency(scores)),
-                Part("slots" if priority is not None else "heavy", k - sinks - recent,
-                     scores if priority is None else priority)]
+        return sinks_recent_and(self, k, scores, "slots", context.get("fact_slots"))
 
 
 # ----------------------------------------------------------------------------------------------------
 # 5. Choosing: EvictionConfig and select_kept
 
 POLICY_TYPES = {cls.name: cls for cls in (Dense, StreamingLLM, H2O, SnapKV, CAB, QuestionAware, Bidirectional,
-                                          Delayed, DynamicLocal, HybridSemantic, MatchSpan, SentenceMatch,
-                                          FactSlots)}
+                                          Delayed, DynamicLocal, HybridSemantic, MatchSpan, SentenceMatch, FactSlots)}
 
 
 class PolicyNames(Sequence):
-    """POLICY_TYPES' names as a read-only tuple-like view, always current: a `from cab_reference import
-    POLICIES` sees the policies registered later too."""
+    """POLICY_TYPES' names, read-only and always current (a `from cab_reference import POLICIES` sees the
+    policies registered later too); equal to the tuple of them."""
 
     def __getitem__(self, index):
         return tuple(POLICY_TYPES)[index]
@@ -1088,13 +887,11 @@ class PolicyNames(Sequence):
     def __eq__(self, other):
         return tuple(self) == tuple(other) if isinstance(other, (tuple, list, PolicyNames)) else NotImplemented
 
-    __hash__ = None
-
     def __repr__(self):
         return repr(tuple(self))
 
 
-POLICIES = PolicyNames()           # the names: "none", "streaming", "h2o", "snapkv", "cab", ...
+POLICIES = PolicyNames()           # "none", "streaming", "h2o", "snapkv", "cab", ...
 
 
 def register_policy(cls):
@@ -1103,8 +900,7 @@ def register_policy(cls):
     if not (isinstance(cls, type) and issubclass(cls, Policy) and cls.name):
         raise TypeError(f"register_policy: expected a Policy subclass with a name, got {cls!r}")
     if cls.name in POLICY_TYPES:
-        raise ValueError(f"register_policy: the name {cls.name!r} is taken by {POLICY_TYPES[cls.name].__name__}; "
-                         f"give {cls.__name__} another name")
+        raise ValueError(f"register_policy: the name {cls.name!r} is taken by {POLICY_TYPES[cls.name].__name__}")
     POLICY_TYPES[cls.name] = cls
     return cls
 
@@ -1113,34 +909,29 @@ def make_policy(name: str, **knobs) -> Policy:
     """The policy called `name`, with its knobs (its dataclass fields) set from keyword arguments."""
     if name not in POLICY_TYPES:
         raise ValueError(f"policy: unknown policy {name!r}; known policies: {', '.join(POLICY_TYPES)}")
-    cls = POLICY_TYPES[name]
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(knobs) - set(known))
-    if unknown:
+    known = [f.name for f in dataclasses.fields(POLICY_TYPES[name])]
+    if unknown := sorted(set(knobs) - set(known)):
         raise TypeError(f"policy {name!r} has no knob {', '.join(unknown)}; its knobs: {', '.join(known) or 'none'}")
-    return cls(**knobs)
+    return POLICY_TYPES[name](**knobs)
 
 
 @dataclass
 class EvictionConfig:
     """What to keep: a policy and a budget, shared by the reference and the fast twin.
 
-    policy    a name from POLICIES (default knobs) or a policy object with its own knobs, e.g.
-              EvictionConfig(policy=SnapKV(window=32)); after construction always the object.
-              The default, "match_span", keeps the passage sharing the question's words when
-              CabCache is given question_span, and is H2O with one sink without one.
-    sparsity  fraction of tokens dropped: K = max(1, floor((1 - sparsity) * N)), in exact decimal
-              arithmetic (sparsity 0.9 of 50 tokens keeps 5). N is the padded prompt length: in a
-              left-padded batch every row keeps K, so a padded row drops less of its own tokens.
+    policy    a name from POLICIES (default knobs) or a policy object, e.g. SnapKV(window=32); after
+              construction always the object. The default, "match_span", keeps the passage sharing the
+              question's words given CabCache(question_span=...), and is H2O with one sink without one.
+    sparsity  fraction of tokens dropped: K = max(1, floor((1 - sparsity) * N)) in exact decimal arithmetic
+              (0.9 of 50 tokens keeps 5). N is the padded prompt length: in a left-padded batch every row
+              keeps K, so a padded row drops less of its own tokens.
     budget    tokens kept per layer and KV head; overrides sparsity when set.
-    per_head  one decision per KV head; False sums the heads' scores (one decision per layer, as the
-              original CAB code).
-    Each policy's own knobs are its dataclass fields: help(cab_reference.H2O), dataclasses.fields(...).
+    per_head  one decision per KV head; False sums the heads' scores (one per layer, as the original CAB).
     """
     policy: str | Policy = "match_span"
-    sparsity: float = 0.9
-    budget: int | None = None
-    per_head: bool = True
+    sparsity: float = knob(0.9, Rule("a value in [0, 1)", lambda x: is_number(x, 0, 1, open_high=True)))
+    budget: int | None = knob(None, Rule("None or an integer >= 1", lambda x: x is None or at_least(1).ok(x)))
+    per_head: bool = knob(True, Rule("True or False", lambda x: isinstance(x, bool)))
 
     def __post_init__(self):
         if isinstance(self.policy, str):
@@ -1148,28 +939,29 @@ class EvictionConfig:
         elif not isinstance(self.policy, Policy):
             raise TypeError(f"policy: expected a name from {', '.join(POLICIES)} or a Policy object, "
                             f"got {type(self.policy).__name__}")
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) \
-                or not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity: expected a value in [0, 1), got {self.sparsity!r}")
-        if self.budget is not None:
-            _check_int("budget", self.budget, 1)
-        if not isinstance(self.per_head, bool):
-            raise ValueError(f"per_head: expected True or False, got {self.per_head!r}")
+        check_fields(self)
 
     def budget_for(self, n: int) -> int:
         """K, the number of tokens kept out of n: everything when n <= budget (or the Dense policy)."""
-        if isinstance(self.policy, Dense):
-            return n
-        return min(self.cache_budget(n), n)
+        return n if isinstance(self.policy, Dense) else min(self.cache_budget(n), n)
 
     def cache_budget(self, n: int):
-        """The size a cache holds to after a prompt of n tokens: the budget itself, not min(budget, n),
-        so a short prompt leaves room to grow into; math.inf for Dense (never evicts)."""
+        """The size a cache holds to after a prompt of n tokens: the budget itself, not min(budget, n), so a
+        short prompt leaves room to grow into; math.inf for Dense (never evicts)."""
         if isinstance(self.policy, Dense):
             return math.inf
         if self.budget is not None:
             return self.budget
         return max(1, math.floor((1 - Fraction(str(self.sparsity))) * n))   # exact: 0.1 * 50 is 5, not 4.99..
+
+
+def select_kept(scores, config: EvictionConfig, *, head_group=None, **context):
+    """The tokens to keep: int64 indices [B, Hkv, K] sorted ascending, K = config.budget_for(N).
+
+    scores [B, Hkv, N]: accumulated attention per key. context (each optional unless the policy needs it):
+    key_mask [B, N] bool (False = padding, kept only when real tokens run out), question_mask [B, N] bool,
+    and the evidence [B, Hkv, N] the policy's evidence() returns. head_group: see head_sum."""
+    return select_parts(scores, config, head_group=head_group, **context).kept
 
 
 def select_parts(scores, config: EvictionConfig, *, head_group=None, **context) -> Selection:
@@ -1179,20 +971,8 @@ def select_parts(scores, config: EvictionConfig, *, head_group=None, **context) 
     return choose(scores, config.budget_for(scores.shape[-1]), config.policy, config.per_head, context, head_group)
 
 
-def select_kept(scores, config: EvictionConfig, *, head_group=None, **context):
-    """The tokens to keep: int64 indices [B, Hkv, K] sorted ascending, K = config.budget_for(N).
-
-    scores [B, Hkv, N]: accumulated attention per key. context (all optional unless a policy needs it):
-      key_mask [B, N] bool          False for padding; padding is kept only when real tokens run out
-      question_mask [B, N] bool     the question's tokens (dynamic_local)
-      any evidence [B, Hkv, N]      what the policy's evidence() returns (window_scores, question_match, ...)
-    head_group: the process group holding the layer's other KV heads under tensor parallelism (head_sum).
-    """
-    return select_parts(scores, config, head_group=head_group, **context).kept
-
-
 def choose(scores, k, policy: Policy, per_head: bool, context, head_group=None) -> Selection:
-    """The selection itself, on checked inputs (the eviction loop calls this directly)."""
+    """The selection itself, on checked inputs (the eviction loop and the fast twin call this directly)."""
     b, h, n = scores.shape
     if not per_head:               # one decision per layer: sum heads (the original CAB code's choice)
         scores, context = _merge_heads(scores, context, head_group)
@@ -1207,68 +987,9 @@ def choose(scores, k, policy: Policy, per_head: bool, context, head_group=None) 
     return selection
 
 
-MASK_KEYS = ("key_mask", "question_mask")
-
-
-def _check_scores(scores):
-    if not isinstance(scores, torch.Tensor) or scores.dim() != 3:
-        raise ValueError(f"scores: expected a tensor [B, Hkv, N], got "
-                         f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
-    if not scores.is_floating_point():
-        raise TypeError(f"scores: expected a floating dtype, got {scores.dtype}")
-    if scores.shape[-1] == 0:
-        raise ValueError("scores: expected at least one token (N >= 1)")
-    if torch.isnan(scores).any():
-        raise ValueError("scores: contains NaN")
-    return scores
-
-
-def _check_context(context, scores):
-    """Masks become [B, 1|Hkv, N] bool; evidence must be [B, Hkv, N]; None entries are dropped."""
-    b, h, n = scores.shape
-    checked = {}
-    for name, value in context.items():
-        if value is None:
-            continue
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name}: expected a tensor, got {type(value).__name__}")
-        if name in MASK_KEYS:
-            if value.dtype != torch.bool or tuple(value.shape) not in ((b, n), (b, h, n)):
-                raise ValueError(f"{name}: expected bool [B, N] = [{b}, {n}] or [B, Hkv, N], "
-                                 f"got {value.dtype} {tuple(value.shape)}")
-            value = value if value.dim() == 3 else value[:, None, :]          # (B, 1|Hkv, N)
-        elif tuple(value.shape) != (b, h, n):
-            raise ValueError(f"{name}: expected shape [B, Hkv, N] = [{b}, {h}, {n}], got {tuple(value.shape)}")
-        checked[name] = value.to(scores.device)
-    return checked
-
-
-# Tensor parallelism. transformers' tp_plan="auto" splits every layer's KV heads over the ranks of a
-# process group, the *head group*: each rank's attention sees Hkv / world of them. Per-head decisions
-# need nothing from the other ranks. Only what pools over all of a layer's heads must travel: the
-# per-layer selection (per_head=False, _merge_heads) and the word-identity cosines of question_match and
-# word_match (SentenceMatch). Budgets and the
-# question span depend only on the prompt's length and positions, the same on every rank; so do the
-# masks (from the model's attention mask). head_group None = one process: nothing is communicated.
-
-def head_sum(x, head_group):
-    """x, a sum over this rank's KV heads, summed over every rank of head_group (x itself for None).
-    An all-reduce leaves the same bits on every rank, so all ranks then make the same choice."""
-    if head_group is None:
-        return x
-    x = x.clone(memory_format=torch.contiguous_format)                      # all_reduce writes in place
-    torch.distributed.all_reduce(x, group=head_group)
-    return x
-
-
-def head_group_size(head_group):
-    """Ranks sharing a layer's KV heads: transformers shards heads evenly, so global heads = local * this."""
-    return 1 if head_group is None else torch.distributed.get_world_size(head_group)
-
-
 def _merge_heads(scores, context, head_group=None):
-    """Sum the scores over heads, average every other per-head tensor (a mask: a token counts if any
-    head has it). Under tensor parallelism the per-rank sums travel in one all-reduce of [B, 1 + E, N]."""
+    """Sum the scores over heads, average every other per-head tensor (a mask: a token counts if any head
+    has it). Under tensor parallelism the per-rank sums travel in one all-reduce of [B, 1 + E, N]."""
     floats = [name for name, v in context.items() if v.dtype != torch.bool]
     sums = [scores.sum(1, keepdim=True)] + [context[name].float().sum(1, keepdim=True) for name in floats]
     if head_group is not None:     # one collective: stacked in the widest dtype, then split back
@@ -1280,8 +1001,45 @@ def _merge_heads(scores, context, head_group=None):
     return sums[0], merged
 
 
+def _check_scores(scores):
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 3:
+        raise ValueError(f"scores: expected a tensor [B, Hkv, N], got {getattr(scores, 'shape', type(scores))}")
+    if not scores.is_floating_point():
+        raise TypeError(f"scores: expected a floating dtype, got {scores.dtype}")
+    if scores.shape[-1] == 0 or torch.isnan(scores).any():
+        raise ValueError(f"scores: expected at least one token (N >= 1) and no NaN, got {tuple(scores.shape)}")
+    return scores
+
+
+def _check_context(context, scores):
+    """Masks (key_mask, question_mask) become [B, 1|Hkv, N] bool; evidence must be [B, Hkv, N]; None is dropped."""
+    b, h, n = scores.shape
+    checked = {}
+    for name, value in ((name, value) for name, value in context.items() if value is not None):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(value).__name__}")
+        if name in ("key_mask", "question_mask"):
+            if value.dtype != torch.bool or tuple(value.shape) not in ((b, n), (b, h, n)):
+                raise ValueError(f"{name}: expected bool [B, N] = [{b}, {n}] or [B, Hkv, N], "
+                                 f"got {value.dtype} {tuple(value.shape)}")
+            value = value if value.dim() == 3 else value[:, None, :]          # (B, 1|Hkv, N)
+        elif tuple(value.shape) != (b, h, n):
+            raise ValueError(f"{name}: expected shape [B, Hkv, N] = [{b}, {h}, {n}], got {tuple(value.shape)}")
+        checked[name] = value.to(scores.device)
+    return checked
+
+
+def prompt_evidence(q, k, v, config: EvictionConfig, *, scale=None, key_mask=None, question_mask=None,
+                    attention_fn: AttentionFn = attention, head_group=None, token_ids=None):
+    """The evidence config.policy ranks by, as keyword arguments for select_kept."""
+    policy = config.policy
+    if policy.needs_question and question_mask is None:
+        raise ValueError(f"question_span: policy {policy.name!r} needs the question's token positions")
+    return policy.evidence(Prompt(q, k, v, scale, key_mask, question_mask, attention_fn, head_group, token_ids))
+
+
 def question_mask_from_spans(spans, batch: int, n: int, device=None):
-    """question_span=(start, end) (end exclusive, token positions of the prompt) for every row, or one
+    """question_span=(start, end) (end exclusive, token positions of the padded prompt) for every row, or one
     span per row, as a bool mask [B, N]; a span outside the prompt is a ValueError."""
     if spans is None:
         return None
@@ -1297,42 +1055,19 @@ def question_mask_from_spans(spans, batch: int, n: int, device=None):
     return mask
 
 
-def _check_question_span(spans):
-    """None, one (start, end) pair of ints, or a list of them (one per batch row); bounds are checked
-    against the prompt when it arrives (question_mask_from_spans)."""
-    def is_pair(x):
-        return (isinstance(x, (tuple, list)) and len(x) == 2
-                and all(isinstance(i, int) and not isinstance(i, bool) for i in x))
-    if spans is None or is_pair(spans) or (isinstance(spans, (tuple, list)) and spans
-                                           and all(is_pair(s) for s in spans)):
-        return spans
-    raise ValueError(f"question_span: expected (start, end) token positions as two ints, or one such pair "
-                     f"per batch row, got {spans!r}")
-
-
-def prompt_evidence(q, k, v, config: EvictionConfig, *, scale=None, key_mask=None, question_mask=None,
-                    attention_fn: AttentionFn = attention, head_group=None, token_ids=None):
-    """The evidence config.policy ranks by, as keyword arguments for select_kept."""
-    policy = config.policy
-    if policy.needs_question and question_mask is None:
-        raise ValueError(f"question_span: policy {policy.name!r} needs the question's token positions")
-    return policy.evidence(Prompt(q, k, v, scale, key_mask, question_mask, attention_fn, head_group, token_ids))
-
-
 # ----------------------------------------------------------------------------------------------------
 # 6. The eviction loop, as plain PyTorch state
 #
-# Per layer and forward:  append the new keys/values  ->  attend (out + scores)  ->  accumulate the
-# scores  ->  on the prompt, gather the policy's evidence  ->  evict back to the budget.
-# LayerState holds one layer's slots; EvictionLoop holds the layers and what they share (config,
-# question, evidence pooled across layers). `EvictionLoop.forward_layer` is the whole loop for one layer;
-# the transformers adapter below splits it between the cache's update() and the attention call.
+# Per layer and forward:  append the new keys/values  ->  attend (out + scores)  ->  accumulate the scores
+# ->  on the prompt, gather the policy's evidence  ->  evict back to the budget. LayerState holds one
+# layer's slots; EvictionLoop the layers and what they share (config, question, evidence pooled across
+# layers). EvictionLoop.forward_layer is the whole loop for one layer; the transformers adapter (section 7)
+# splits it between the cache's update() and the attention call.
 
 class LayerState:
-    """One layer's evicting cache. Per slot, aligned with keys/values [B, Hkv, L, D]:
-    scores [B, Hkv, L] (accumulated attention), positions [B, Hkv, L] (original token positions),
-    valid [B, Hkv, L] (False for left padding) and the policy's evidence [B, Hkv, L] each.
-    `seen` counts every token ever added; `budget` is fixed when the prompt is cut."""
+    """One layer's evicting cache. Per slot, aligned with keys/values [B, Hkv, L, D]: scores (accumulated
+    attention), positions (original token positions), valid (False for left padding) and the policy's
+    evidence, [B, Hkv, L] each. `seen` counts every token ever added."""
 
     def __init__(self, loop: EvictionLoop):
         self.loop = loop
@@ -1341,23 +1076,23 @@ class LayerState:
         self.evidence = {}
         self.seen = 0
         self.budget = None                 # fixed from the prompt length at the first attention
-        self.prompt_record = None          # record=True: the prompt's selection, for tools
+        self.prompt_record = None          # record=True: the prompt's selection, for tools (diagnose.py)
 
     def append(self, k, v, valid=None):
         """Add Nq new tokens (k, v [B, Hkv, Nq, D]; valid [B, Nq] bool or None = all real)."""
         b, h, n = k.shape[:3]
-        dev = k.device
-        valid = torch.ones(b, n, dtype=torch.bool, device=dev) if valid is None else valid
-        new_pos = torch.arange(self.seen, self.seen + n, device=dev).expand(b, h, n)
+        valid = torch.ones(b, n, dtype=torch.bool, device=k.device) if valid is None else valid
+        new_pos = torch.arange(self.seen, self.seen + n, device=k.device).expand(b, h, n)
+        new_valid = valid[:, None, :].expand(b, h, n)
         if self.keys is None:
             self.keys, self.values = k, v
             self.scores = k.new_zeros(b, h, n, dtype=torch.float32)
-            self.positions, self.valid = new_pos, valid[:, None, :].expand(b, h, n).contiguous()
+            self.positions, self.valid = new_pos, new_valid.contiguous()
         else:
             self.keys, self.values = torch.cat([self.keys, k], dim=-2), torch.cat([self.values, v], dim=-2)
             self.scores = torch.cat([self.scores, self.scores.new_zeros(b, h, n)], dim=-1)
             self.positions = torch.cat([self.positions, new_pos], dim=-1)
-            self.valid = torch.cat([self.valid, valid[:, None, :].expand(b, h, n)], dim=-1)
+            self.valid = torch.cat([self.valid, new_valid], dim=-1)
         for name, value in self.evidence.items():
             fill = value.new_full((b, h, n), self.loop.config.policy.fill_value(name))
             self.evidence[name] = torch.cat([value, fill], dim=-1)
@@ -1369,22 +1104,21 @@ class LayerState:
         return self.valid[:, 0]
 
     def after_attention(self, q, scores, *, scale=None, attention_fn: AttentionFn = attention):
-        """Accumulate this call's scores (None: not computed, as the policy does not rank by them, see
-        EvictionLoop.reads_scores); gather the prompt's evidence on the first call; evict to budget."""
-        loop = self.loop
+        """Accumulate this call's scores (None: not computed, see EvictionLoop.reads_scores); on the first
+        call gather the prompt's evidence; evict to the budget."""
+        loop, policy = self.loop, self.loop.config.policy
         if scores is not None:
             self.scores = self.scores + scores
         is_prompt = self.budget is None
         if is_prompt:
             self.budget = loop.config.cache_budget(self.keys.shape[2])
             self.evidence.update(loop.prompt_evidence(self, q, scale, attention_fn))
-        elif "decode_scores" in self.evidence:                 # Delayed: attention received after the prompt
-            self.evidence["decode_scores"] = self.evidence["decode_scores"] + scores
-        delayed = "decode_scores" in self.evidence
-        if is_prompt and delayed:
-            return                                             # the first generated token ranks the prompt
+            if not policy.cuts_prompt:
+                return
+        else:
+            policy.after_prompt(self.evidence, scores)
         if self.keys.shape[-2] - self.budget >= (1 if is_prompt else loop.evict_every):
-            first_cut = is_prompt or (delayed and self.prompt_record is None)
+            first_cut = is_prompt or (not policy.cuts_prompt and self.prompt_record is None)
             self.evict(record=loop.record and first_cut)
 
     def evict(self, record=False):
@@ -1422,26 +1156,23 @@ class LayerState:
 
 
 class EvictionLoop:
-    """Every layer's LayerState plus what the layers share: the config, the question, evidence pooled
-    across layers, and a checkpoint so a forward that raises leaves the cache as it was.
+    """Every layer's LayerState plus what the layers share: the config, the question, evidence pooled across
+    layers, and a checkpoint so a forward that raises leaves the cache as it was.
 
-    question_span=(start, end) (or one per batch row), in token positions of the (left-padded) prompt, is
-    what the question-based policies read. The prompt is cut right after its attention (Delayed: after the first
-    generated token); each later forward evicts back to the budget once the cache holds evict_every
-    tokens more than it (1: every step, so the cache stays at the budget).
-    head_group: the process group over which tensor parallelism splits each layer's KV heads (head_sum);
-    None for one process, and the transformers adapter finds it from the model's sharded weights.
-    token_ids [B, N] (or [N]) int64: the prompt's token ids, for policies that read them (SentenceMatch's
-    sentence boundaries); None when not given."""
+    question_span=(start, end) (or one per batch row) in token positions of the (left-padded) prompt, for
+    the question-based policies. The prompt is cut right after its attention (Delayed: a step later); each
+    later forward evicts back to the budget once the cache holds evict_every tokens more than it.
+    head_group: the process group sharing each layer's KV heads under tensor parallelism (head_sum; the
+    adapter finds it). token_ids [B, N] or [N] int64: the prompt's token ids (SentenceMatch, FactSlots)."""
 
-    layer_type = LayerState
+    layer_type = LayerState        # the class of self.layers (CabCache's and the fast twin's differ)
 
     def __init__(self, config: EvictionConfig | None = None, *, question_span=None, evict_every: int = 1,
                  record: bool = False, head_group=None, token_ids=None):
         self.config = EvictionConfig() if config is None else config
         if not isinstance(self.config, EvictionConfig):
             raise TypeError(f"config: expected an EvictionConfig, got {type(self.config).__name__}")
-        _check_int("evict_every", evict_every, 1)
+        check("evict_every", evict_every, at_least(1))
         if head_group is not None and not (torch.distributed.is_available()
                                            and isinstance(head_group, torch.distributed.ProcessGroup)):
             raise TypeError(f"head_group: expected a torch.distributed.ProcessGroup or None, "
@@ -1449,11 +1180,9 @@ class EvictionLoop:
         if token_ids is not None and (not isinstance(token_ids, torch.Tensor) or token_ids.dtype != torch.int64
                                       or token_ids.dim() not in (1, 2)):
             raise ValueError(f"token_ids: expected an int64 tensor [B, N] or [N], got {token_ids!r:.80}")
-        self.question_span = _check_question_span(question_span)
-        self.token_ids = token_ids
-        self.evict_every = evict_every
-        self.record = record
-        self.head_group = head_group
+        check("question_span", question_span, SPANS)    # its bounds: when the prompt arrives
+        self.question_span, self.token_ids, self.evict_every = question_span, token_ids, evict_every
+        self.record, self.head_group = record, head_group
         self.layers = []
         self._pooled = {}          # evidence name -> (sum over the layers so far, count)
         self._checkpoint = ([], {})
@@ -1469,8 +1198,8 @@ class EvictionLoop:
                             dict(self._pooled))
 
     def rollback(self):
-        """Undo the current forward's updates and evictions in every layer. Layer state is only ever
-        replaced, never written in place, so the references kept at the forward's start are the old state."""
+        """Undo the current forward in every layer: layer state is only ever replaced, never written in
+        place, so the references kept at the forward's start are the old state."""
         layers, pooled = self._checkpoint
         self.layers[:] = [layer for layer, _ in layers]
         for layer, state in layers:
@@ -1497,24 +1226,20 @@ class EvictionLoop:
         keys, values = layer.keys, layer.values
         b, h, n = keys.shape[:3]
         question_mask = question_mask_from_spans(self.question_span, b, n, keys.device)
+        token_ids = self.token_ids
+        if token_ids is not None:
+            token_ids = (token_ids.expand(b, -1) if token_ids.dim() == 1 else token_ids).to(keys.device)
+            if tuple(token_ids.shape) != (b, n):
+                raise ValueError(f"token_ids: expected [B, N] = [{b}, {n}] (the prompt), got {tuple(token_ids.shape)}")
         evidence = prompt_evidence(q, keys, values, self.config, scale=scale, key_mask=layer.key_mask(),
                                    question_mask=question_mask, attention_fn=attention_fn,
-                                   head_group=self.head_group, token_ids=self._prompt_token_ids(b, n, keys.device))
+                                   head_group=self.head_group, token_ids=token_ids)
         if question_mask is not None:
             evidence["question_mask"] = question_mask[:, None, :].expand(b, h, n)
         for name, layers in self.config.policy.layer_pooling().items():
             if name in evidence:
                 evidence[name] = self.pooled(name, evidence[name], layers)
         return evidence
-
-    def _prompt_token_ids(self, b, n, device):
-        """token_ids as [B, N] on the keys' device, or None; their length must be the prompt's."""
-        if self.token_ids is None:
-            return None
-        ids = self.token_ids.expand(b, -1) if self.token_ids.dim() == 1 else self.token_ids
-        if tuple(ids.shape) != (b, n):
-            raise ValueError(f"token_ids: expected [B, N] = [{b}, {n}] (the prompt), got {tuple(self.token_ids.shape)}")
-        return ids.to(device)
 
     def pooled(self, name, value, layers):
         """The mean of `name` over the first `layers` layers that offered it, in the order the layers
@@ -1532,25 +1257,77 @@ class EvictionLoop:
     @property
     def reads_scores(self) -> bool:
         """Whether this cache's policy ranks by accumulated scores; when not, an attention function may
-        skip computing them (cab_fast does) and the layers' scores stay 0."""
+        skip computing them (the fast twin's hook) and the layers' scores stay 0."""
         return self.config.policy.ranks_by_scores(self.question_span is not None, self.token_ids is not None)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 7. transformers adapter: the "cab_reference" attention implementation and CabCache
-#
-# The model calls cache.update(k, v, layer) and then the attention function with exactly the keys that
-# update returned. Everything else about transformers (RoPE, masks for the new tokens, generate's
-# position bookkeeping) stays the library's.
+def _is_span(x):
+    return isinstance(x, (tuple, list)) and len(x) == 2 and all(is_number(i, integer=True) for i in x)
 
-# the adapter's imports, where a reader sees them (pyproject.toml lets E402 pass for this file)
+
+SPANS = Rule("(start, end) token positions as two ints, or one such pair per batch row",
+             lambda x: x is None or _is_span(x) or (isinstance(x, (tuple, list)) and x and all(map(_is_span, x))))
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Tensor parallelism and the transformers adapter
+#
+# transformers' tp_plan="auto" splits every layer's KV heads over the ranks of a process group, the *head
+# group*. Per-head decisions need nothing from the other ranks; only what pools over all of a layer's heads
+# travels: the per-layer selection (_merge_heads) and the word-identity cosines (same_word). Budgets,
+# question spans and masks depend only on the prompt. head_group None = one process: nothing travels.
+
+def head_sum(x, head_group):
+    """x, a sum over this rank's KV heads, summed over every rank of head_group (x itself for None).
+    An all-reduce leaves the same bits on every rank, so all ranks then make the same choice."""
+    if head_group is None:
+        return x
+    x = x.clone(memory_format=torch.contiguous_format)                      # all_reduce writes in place
+    torch.distributed.all_reduce(x, group=head_group)
+    return x
+
+
+def head_group_size(head_group):
+    """Ranks sharing a layer's KV heads: transformers shards heads evenly, so global heads = local * this."""
+    return 1 if head_group is None else torch.distributed.get_world_size(head_group)
+
+
+def find_head_group(module, query, key, head_group=None):
+    """The head group of this attention call: None when this rank holds all of the layer's KV heads, else
+    head_group as given or the tensor-parallel group of the module's sharded (DTensor) weights."""
+    config = getattr(module, "config", None)
+    total = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
+    local = key.shape[1]
+    if total is None or local == total:
+        query_heads = getattr(config, "num_attention_heads", None)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and query_heads is not None and query.shape[1] != query_heads:
+            raise ValueError(f"head_group: this rank holds all {local} KV heads but {query.shape[1]} of the "
+                             f"{query_heads} query heads (more ranks than KV heads?): each key's score would "
+                             f"miss the other ranks' query heads; use at most {local} tensor-parallel ranks")
+        return head_group
+    if head_group is None:
+        meshes = [p.device_mesh for p in module.parameters() if hasattr(p, "device_mesh")]
+        if not meshes:
+            raise ValueError(f"head_group: this rank holds {local} of the layer's {total} KV heads but the "
+                             f"attention module has no sharded weights to find their process group from; "
+                             f"pass CabCache(head_group=...)")
+        head_group = meshes[0].get_group("tp") if meshes[0].ndim > 1 else meshes[0].get_group()
+    if local * head_group_size(head_group) != total:
+        raise ValueError(f"head_group: this rank holds {local} of the layer's {total} KV heads, so "
+                         f"{total // local} ranks should share them; the group has {head_group_size(head_group)}")
+    return head_group
+
+
+# The model calls cache.update(k, v, layer), then the attention function with exactly the keys update
+# returned. Everything else (RoPE, masks for the new tokens, generate's positions) stays the library's.
+# The adapter's imports open this part, where a reader sees them (pyproject.toml lets E402 pass).
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-# transformers passes the attention function neither the cache nor its layer (generate() rejects extra
-# keyword arguments), so update() leaves its layer here (and marks it awaits_attention) and the attention
-# call that follows picks it up; that call must get the very keys update() returned.
+# transformers passes the attention function neither the cache nor its layer, so update() leaves its layer
+# here (marked awaits_attention) for the attention call that follows, which must get the very keys update()
+# returned. (cab_fast sets it too.)
 _last_updated_layer = None
 
 
@@ -1602,18 +1379,12 @@ class CabCache(EvictionLoop, Cache):
         model = AutoModelForCausalLM.from_pretrained(..., attn_implementation="cab_reference")
         model.generate(input_ids, cache=CabCache(EvictionConfig(policy="h2o", sparsity=0.9)))
 
-    (`cache=` from transformers 5.24; `past_key_values=` before.) Arguments as EvictionLoop's:
-    question_span=(start, end) for the question-based policies (see find_question_span), in positions of
-    the padded input_ids: add each row's left padding to a span found in its own text. evict_every,
-    record=True keeps each layer's prompt selection
-    (layer.prompt_record), head_group (found by itself under from_pretrained(..., tp_plan="auto")).
-
-    A forward that raises (an exception or an interrupt) leaves the cache as it was before that forward:
-    raised in the cache's own calls (an update, an attention call), the step is undone at once; raised in
-    the model between two layers' updates, some layers hold the step's tokens and others not, which the
-    cache's next use (the next forward, get_seq_length, get_mask_sizes, kept_positions) finds and undoes.
-    What raises after the last layer's attention (the final norm, the LM head) comes after the cache's last
-    call: the cache holds the whole step then, as transformers' own caches do."""
+    (`cache=` from transformers 5.24, `past_key_values=` before.) Arguments as EvictionLoop's; question_span
+    (see find_question_span) is in positions of the padded input_ids: add each row's left padding to a span
+    found in its own text. record=True keeps each layer's prompt selection (layer.prompt_record).
+    A forward that raises leaves the cache as before it: undone at once when raised in the cache's own
+    calls, at the cache's next use when raised between two layers. What raises after the last layer's
+    attention (the LM head) finds the step cached, as in transformers' own caches."""
 
     layer_type = CabLayer
 
@@ -1634,14 +1405,11 @@ class CabCache(EvictionLoop, Cache):
             self.rollback()
             raise
 
-    def half_written(self) -> bool:
-        """Whether the last forward stopped between two layers: the model's layers do not all hold its tokens."""
-        seen = {layer.seen for layer in self.layers}
-        return len(seen) > 1 or (bool(seen) and len(self.layers) < (self.n_layers or 0))
-
     def settle(self):
-        """Undo a forward that stopped between two layers, before the cache is used again."""
-        if self.half_written():
+        """Undo a forward that stopped between two layers (they do not all hold its tokens) before the
+        cache is used again."""
+        seen = {layer.seen for layer in self.layers}
+        if len(seen) > 1 or (seen and len(self.layers) < (self.n_layers or 0)):
             self.rollback()
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -1658,47 +1426,8 @@ class CabCache(EvictionLoop, Cache):
 
 
 def _as_bool_mask(attention_mask):
-    """The library's mask as bool [B, 1, Nq, Nk] (True = attend), whether boolean or additive."""
+    """The library's mask as bool [B, 1, Nq, Nk] (True = attend), whether boolean or additive (cab_fast too)."""
     return attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-
-
-def _check_library_mask(mask, key_mask, nq, nk):
-    """Our masks (bottom-right causal + padding) must reproduce the library's for every real query;
-    a model with another mask (a sliding window, say) would otherwise get silently wrong outputs."""
-    expected = visibility(nq, nk, causal=True, key_mask=key_mask, device=mask.device)[:, 0, 0]  # (B, Nq, Nk)
-    real_query = key_mask[:, nk - nq:]                                        # (B, Nq)
-    if not bool(((mask[:, 0] == expected) | ~real_query[..., None]).all()):
-        raise ValueError("attention_mask: the model's mask is not causal + padding (a sliding window?); "
-                         "cab attention supports plain causal decoder masks only")
-
-
-def find_head_group(module, query, key, head_group=None):
-    """The head group of this attention call: None when this rank holds all of the layer's KV heads;
-    otherwise head_group as given or, under transformers' tp_plan, the tensor-parallel process group of
-    the mesh that the module's sharded (DTensor) weights live on."""
-    config = getattr(module, "config", None)
-    total = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
-    local = key.shape[1]
-    if total is None or local == total:
-        query_heads = getattr(config, "num_attention_heads", None)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and query_heads is not None and query.shape[1] != query_heads:
-            raise ValueError(f"head_group: this rank holds all {local} KV heads but {query.shape[1]} of the "
-                             f"{query_heads} query heads (more ranks than KV heads?): each key's score would "
-                             f"miss the other ranks' query heads; use at most {local} tensor-parallel ranks")
-        return head_group
-    if head_group is None:
-        meshes = [p.device_mesh for p in module.parameters() if hasattr(p, "device_mesh")]
-        if not meshes:
-            raise ValueError(f"head_group: this rank holds {local} of the layer's {total} KV heads but the "
-                             f"attention module has no sharded weights to find their process group from; "
-                             f"pass CabCache(head_group=...)")
-        mesh = meshes[0]
-        head_group = mesh.get_group("tp") if mesh.ndim > 1 else mesh.get_group()
-    if local * head_group_size(head_group) != total:
-        raise ValueError(f"head_group: this rank holds {local} of the layer's {total} KV heads, so "
-                         f"{total // local} ranks should share them; the group has {head_group_size(head_group)}")
-    return head_group
 
 
 def make_attention_interface(attention_fn: AttentionFn, *, validate: bool = False):
@@ -1711,25 +1440,23 @@ def make_attention_interface(attention_fn: AttentionFn, *, validate: bool = Fals
         nq, nk = query.shape[2], key.shape[2]
         mask = None if attention_mask is None else _as_bool_mask(attention_mask)
         layer = _last_updated_layer if getattr(_last_updated_layer, "awaits_attention", False) else None
-        if layer is not None:
-            layer.awaits_attention = False
-            if layer.keys is not key:
-                index = next(i for i, other in enumerate(layer.loop.layers) if other is layer)
-                layer.loop.rollback()
-                raise RuntimeError(f"CabCache: layer {index} was updated (cache.update) but its attention call got "
-                                   f"other keys than update() returned (the model changed them in between: a copy, "
-                                   f"a cast, a repeat?); the cache can neither count their scores nor evict")
-        if layer is None:          # no CabCache: keys line up with the library's mask
-            key_mask = None if mask is None else mask[:, 0, -1, :]
-        else:                      # slots were evicted: the layer knows which hold real tokens
-            if mask is not None:   # the newest columns are this call's tokens in both
-                layer.valid[..., -nq:] = mask[:, 0, -1, -nq:][:, None, :]
-            key_mask = layer.key_mask()
         try:
-            if layer is not None:
+            if layer is None:          # no CabCache (or its call was made): keys line up with the library's mask
+                key_mask = None if mask is None else mask[:, 0, -1, :]
+            else:
+                layer.awaits_attention = False
+                if layer.keys is not key:
+                    index = next(i for i, other in enumerate(layer.loop.layers) if other is layer)
+                    raise RuntimeError(f"CabCache: layer {index} was updated (cache.update) but its attention call "
+                                       f"got other keys than update() returned (the model changed them in between: "
+                                       f"a copy, a cast, a repeat?); the cache can neither count their scores nor "
+                                       f"evict")
+                if mask is not None:   # slots were evicted: the layer knows which hold real tokens; the
+                    layer.valid[..., -nq:] = mask[:, 0, -1, -nq:][:, None, :]   # newest are this call's in both
+                key_mask = layer.key_mask()
                 layer.loop.n_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
-            if layer is not None and layer.budget is None:       # the prompt: whose heads are these?
-                layer.loop.head_group = find_head_group(module, query, key, layer.loop.head_group)
+                if layer.budget is None:                         # the prompt: whose heads are these?
+                    layer.loop.head_group = find_head_group(module, query, key, layer.loop.head_group)
             if mask is not None and (layer is None or layer.budget is None):
                 _check_library_mask(mask, key_mask, nq, nk)
             out, scores = attention_fn(query, key, value, scale=scaling, causal=True, key_mask=key_mask,
@@ -1745,16 +1472,21 @@ def make_attention_interface(attention_fn: AttentionFn, *, validate: bool = Fals
     return cab_attention_forward
 
 
-def register_attention(name: str, attention_fn: AttentionFn, *, validate: bool = False):
-    """Make attn_implementation=name available to Llama-family models (with the SDPA-style bool mask,
-    without which left-padded batches would get no mask at all)."""
-    AttentionInterface.register(name, make_attention_interface(attention_fn, validate=validate))
-    AttentionMaskInterface.register(name, sdpa_mask)
+def _check_library_mask(mask, key_mask, nq, nk):
+    """Our masks (bottom-right causal + padding) must reproduce the library's for every real query;
+    a model with another mask (a sliding window, say) would otherwise get silently wrong outputs."""
+    expected = visibility(nq, nk, causal=True, key_mask=key_mask, device=mask.device)[:, 0, 0]  # (B, Nq, Nk)
+    real_query = key_mask[:, nk - nq:]                                        # (B, Nq)
+    if not bool(((mask[:, 0] == expected) | ~real_query[..., None]).all()):
+        raise ValueError("attention_mask: the model's mask is not causal + padding (a sliding window?); "
+                         "cab attention supports plain causal decoder masks only")
 
 
-# the reference checks every input for NaN/inf (cheap on a CPU, and a bad step rolls back); the fast
-# twin registers without the check, which would cost a device sync per layer and step
-register_attention("cab_reference", attention, validate=True)
+# attn_implementation="cab_reference", with SDPA's bool mask (left-padded batches need one). The reference
+# checks every input for NaN/inf (cheap on a CPU, and a bad step rolls back); the fast twin registers
+# without the check, which would cost a device sync per layer and step.
+AttentionInterface.register("cab_reference", make_attention_interface(attention, validate=True))
+AttentionMaskInterface.register("cab_reference", sdpa_mask)
 
 
 def token_span(offsets, char_start: int, char_end: int) -> tuple[int, int]:
@@ -1770,7 +1502,8 @@ def find_question_span(tokenizer, prompt: str, question: str, *, add_special_tok
     """question_span for CabCache: the token positions of the last occurrence of `question` in `prompt`
     (the text you tokenize, e.g. the chat template's output), from the tokenizer's offset mapping.
     Tokenize the prompt the same way for the model: add_special_tokens must match (a BOS token the
-    model sees and this count does not would shift the span by one)."""
+    model sees and this count does not would shift the span by one); in a left-padded batch add each
+    row's padding (CabCache)."""
     start = prompt.rfind(question)
     if not question or start < 0:
         raise ValueError(f"question: {question[:60]!r} does not occur in the prompt")

@@ -282,7 +282,7 @@ def test_nearness_favours_tokens_next_to_rare_matches():
                                     R.MatchSpan(recent_ratio=0.1, question_tokens=6)],
                          ids=["sentence_match", "match_span"])
 def test_the_question_is_kept_whole_before_other_sentences(policy):
-    """The question's share of the budget keeps it whole (question_and); without one, a budget that holds
+    """The question's share of the budget keeps it whole (sinks_recent_and); without one, a budget that holds
     the answer's sentences keeps only the question's tail."""
     ids, question, _ = bridge_prompt(ORDERS[0])
     k = 1 + 1 + 12
