@@ -281,7 +281,8 @@ class Policy:
         """Each attention call after the prompt's: evidence may grow with its scores [B, Hkv, L] (Delayed)."""
 
     def layer_pooling(self) -> dict:
-        """{evidence name: L}: use the mean of that evidence over the first L layers in every layer."""
+        """{evidence name: L}: use the mean of that evidence over the first L layers in every layer. Once
+        every name listed here has its L layers, later layers compute no evidence: list all or none."""
         return {}
 
     def ranks_by_scores(self, question: bool, token_ids: bool) -> bool:
@@ -1231,14 +1232,18 @@ class EvictionLoop:
             token_ids = (token_ids.expand(b, -1) if token_ids.dim() == 1 else token_ids).to(keys.device)
             if tuple(token_ids.shape) != (b, n):
                 raise ValueError(f"token_ids: expected [B, N] = [{b}, {n}] (the prompt), got {tuple(token_ids.shape)}")
-        evidence = prompt_evidence(q, keys, values, self.config, scale=scale, key_mask=layer.key_mask(),
-                                   question_mask=question_mask, attention_fn=attention_fn,
-                                   head_group=self.head_group, token_ids=token_ids)
+        pooling = self.config.policy.layer_pooling()
+        if pooling and all(self._pooled.get(name, (0, 0))[1] >= layers for name, layers in pooling.items()):
+            evidence = {name: total / count for name, (total, count) in self._pooled.items()}   # nothing to compute
+        else:
+            evidence = prompt_evidence(q, keys, values, self.config, scale=scale, key_mask=layer.key_mask(),
+                                       question_mask=question_mask, attention_fn=attention_fn,
+                                       head_group=self.head_group, token_ids=token_ids)
+            for name, layers in pooling.items():
+                if name in evidence:
+                    evidence[name] = self.pooled(name, evidence[name], layers)
         if question_mask is not None:
             evidence["question_mask"] = question_mask[:, None, :].expand(b, h, n)
-        for name, layers in self.config.policy.layer_pooling().items():
-            if name in evidence:
-                evidence[name] = self.pooled(name, evidence[name], layers)
         return evidence
 
     def pooled(self, name, value, layers):

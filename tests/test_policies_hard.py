@@ -321,3 +321,24 @@ def test_score_reading_is_declared_for_the_question_driven_policies():
     assert not R.FactSlots(boundary_ids=(DOT,)).ranks_by_scores(False, True)
     loop = R.EvictionLoop(R.EvictionConfig(policy="sentence_match"), question_span=(3, 5))
     assert not loop.reads_scores and R.EvictionLoop(R.EvictionConfig(policy="sentence_match")).reads_scores
+
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_pooled_evidence_is_computed_only_for_the_layers_it_pools(monkeypatch, layers):
+    """MatchSpan pools its evidence over the first `layers` layers: later layers reuse that mean and
+    compute none (so a score-free cut costs the fast prefill little)."""
+    ids, question, _ = bridge_prompt(ORDERS[1])
+    n = ids.shape[1]
+    computed, evidence = [], R.MatchSpan.evidence
+    monkeypatch.setattr(R.MatchSpan, "evidence", lambda self, prompt: computed.append(1) or evidence(self, prompt))
+    loop = R.EvictionLoop(R.EvictionConfig(policy=R.MatchSpan(layers=layers), budget=12), question_span=question)
+    g = torch.Generator().manual_seed(4)
+    for layer in range(4):
+        loop.forward_layer(layer, torch.randn(1, 2 * HKV, n, D, generator=g), torch.randn(1, HKV, n, D, generator=g),
+                           values_for(ids, seed=layer))
+    assert len(computed) == layers
+    pooled = sum(evidence(R.MatchSpan(), prompt_for(ids, question)._replace(v=values_for(ids, seed=layer)))
+                 ["question_match"] for layer in range(layers)) / layers
+    last = loop.layers[3]                                                   # cut: its kept slots only
+    torch.testing.assert_close(last.evidence["question_match"], pooled.gather(-1, last.positions), rtol=0, atol=0)
