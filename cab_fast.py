@@ -1436,7 +1436,7 @@ class FastLayer(_ref.CabLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if self.bank is None:
             return super().update(key_states, value_states)
-        _ref._last_updated_layer = self    # see cab_reference: the attention call picks its layer up there
+        _ref._last_updated_layer, self.awaits_attention = self, True   # see cab_reference: the attention call checks
         d = self.keys.shape[-1]
         self.keys.scatter_(2, self.slot[..., None].expand(-1, -1, -1, d), key_states)
         self.values.scatter_(2, self.slot[..., None].expand(-1, -1, -1, d), value_states)
@@ -1664,6 +1664,7 @@ def _cab_fast_forward(module, query, key, value, attention_mask, scaling=None, d
         return forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     cache = layer.loop
     if layer.bank is not None:
+        layer.awaits_attention = False
         if dropout and module.training:    # the reference's adapter checks this on every other path
             raise ValueError(f"dropout: cab attention has no dropout, got {dropout} in training mode")
         try:

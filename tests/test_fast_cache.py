@@ -416,3 +416,23 @@ def test_a_bank_whose_allocation_fails_dies_quietly(monkeypatch):
         cab_fast.SlotBank(SimpleNamespace(evict_every=1), 2, SimpleNamespace(keys=Keys(), budget=4))
     gc.collect()
     assert unraisable == []
+
+
+def test_keys_changed_in_a_decode_step_on_the_slots_are_an_error(model):
+    """As in the reference: an attention call that gets other keys than update() returned raises instead of
+    attending with no eviction; a step on the slots wrote in place, so the cache then refuses to go on."""
+    def copying_decode_keys(module, query, key, value, attention_mask, **kwargs):
+        if query.shape[2] == 1:
+            key = key.clone()
+        return cab_fast._cab_fast_forward(module, query, key, value, attention_mask, **kwargs)
+
+    transformers.AttentionInterface.register("tst_fast_copying_keys", copying_decode_keys)
+    transformers.masking_utils.AttentionMaskInterface.register("tst_fast_copying_keys",
+                                                               transformers.masking_utils.sdpa_mask)
+    ids, mask = prompts(1, PROMPT, vocab=97, device=DEV)
+    cache = cab_fast.CabCache(cab_fast.EvictionConfig(policy="h2o", budget=8))
+    with pytest.raises(RuntimeError, match="update.*other keys"):
+        generate(model, "tst_fast_copying_keys", ids, mask, cache, steps=4)
+    assert cache.broken                                                     # the step failed on the slots
+    with pytest.raises(RuntimeError, match="start a new cache"):
+        forward(model, ids[:, -1:], cache)
