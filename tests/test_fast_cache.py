@@ -333,6 +333,18 @@ def test_capture_is_refused_unless_every_step_cuts(model, monkeypatch, evict_eve
         token = want.argmax(-1)
 
 
+def warm_up_step(model, token, position, to_capture, eager):
+    """One decode step of both caches, the one to capture on a side stream (a capture needs its library
+    handles warmed up there); then token and position advance to the eager cache's next step."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        forward(model, token, to_capture, position_ids=position)
+    torch.cuda.current_stream().wait_stream(side)
+    token.copy_(forward(model, token, eager, position_ids=position)[:, -1:].argmax(-1))
+    position.add_(1)
+
+
 @pytest.mark.skipif(not GPU, reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.parametrize("evict_every", [2, 5])
 def test_capture_with_evict_every_above_1_raises_and_leaves_the_cache_as_it_was(model, evict_every):
@@ -347,13 +359,7 @@ def test_capture_with_evict_every_above_1_raises_and_leaves_the_cache_as_it_was(
     token = out[:, -1:].clone()
     position = (ids.shape[1] + 1 - (mask == 0).sum(-1, keepdim=True)).clone()
     with torch.no_grad():
-        side = torch.cuda.Stream()                       # warm-up on a side stream, as a capture needs
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            forward(model, token, asked, position_ids=position)
-        torch.cuda.current_stream().wait_stream(side)
-        token.copy_(forward(model, token, eager, position_ids=position)[:, -1:].argmax(-1))
-        position.add_(1)
+        warm_up_step(model, token, position, asked, eager)
         with pytest.raises(RuntimeError, match="needs evict_every=1"), torch.cuda.graph(torch.cuda.CUDAGraph()):
             forward(model, token, asked, position_ids=position)
         for _ in range(evict_every + 1):
@@ -380,13 +386,7 @@ def test_decode_step_replays_in_a_cuda_graph(model, policy):
     token = out[:, -1:].clone()
     position = (n - pads).clone()                        # (B, 1) padding-aware positions, as generate()'s
     with torch.no_grad():
-        side = torch.cuda.Stream()                       # one warm-up step on a side stream, both caches
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            forward(model, token, graphed, position_ids=position)
-        torch.cuda.current_stream().wait_stream(side)
-        token.copy_(forward(model, token, eager, position_ids=position)[:, -1:].argmax(-1))
-        position.add_(1)
+        warm_up_step(model, token, position, graphed, eager)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_logits = forward(model, token, graphed, position_ids=position)
