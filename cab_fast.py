@@ -113,17 +113,20 @@ from cab_reference import (
     SentenceMatch,
     SnapKV,
     StreamingLLM,
+    TitleLinks,
     find_question_span,
     make_policy,
     select_kept,
     select_parts,
+    sentence_end_ids,
+    token_texts,
 )
 
 __all__ = [  # what this file adds (attention, CabCache, tiles, register) and what it shares with the reference
     "attention", "CabCache", "tiles", "register", "CAB", "H2O", "POLICIES", "POLICY_TYPES", "Bidirectional",
     "Delayed", "Dense", "DynamicLocal", "EvictionConfig", "FactSlots", "HybridSemantic", "MatchSpan", "Policy",
-    "QuestionAware", "SentenceMatch", "SnapKV", "StreamingLLM", "find_question_span", "make_policy",
-    "select_kept", "select_parts",
+    "QuestionAware", "SentenceMatch", "SnapKV", "StreamingLLM", "TitleLinks", "find_question_span", "make_policy",
+    "select_kept", "select_parts", "sentence_end_ids", "token_texts",
 ]
 
 _AUTOTUNE = os.environ.get("CAB_AUTOTUNE", "0") == "1"

@@ -29,8 +29,10 @@ Papers
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -226,9 +228,9 @@ TOKEN_IDS = Rule("a tuple of token ids (ints >= 0)",
                  lambda x: isinstance(x, tuple) and all(is_number(i, 0, integer=True) for i in x))
 
 
-def knob(default, rule: Rule):
+def knob(default, rule: Rule, *, repr=True):
     """A dataclass field that declares the Rule its values must pass (check_fields checks it)."""
-    return dataclasses.field(default=default, metadata={"rule": rule})
+    return dataclasses.field(default=default, repr=repr, metadata={"rule": rule})
 
 
 def check(name, value, rule: Rule):
@@ -708,11 +710,15 @@ def sentence_index(token_ids, boundary_ids):
     return ends.cumsum(-1) - ends
 
 
+def token_texts(tokenizer) -> tuple:
+    """Every token id's text, in id order: TitleLinks(vocab=token_texts(tokenizer))."""
+    return tuple(tokenizer.batch_decode([[i] for i in range(len(tokenizer))]))
+
+
 def sentence_end_ids(tokenizer) -> tuple:
     """The ids of the tokens whose text, stripped, ends in ".", "?" or "!" (".", ").", ".\\n", ...):
     SentenceMatch(boundary_ids=sentence_end_ids(tokenizer))."""
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    return tuple(i for i, text in enumerate(texts) if text.rstrip().endswith((".", "?", "!")))
+    return tuple(i for i, text in enumerate(token_texts(tokenizer)) if text.rstrip().endswith((".", "?", "!")))
 
 
 def word_match(vn, query, candidates, threshold, head_group=None):
@@ -868,11 +874,94 @@ class FactSlots(Policy):
         return sinks_recent_and(self, k, scores, "slots", context.get("fact_slots"))
 
 
+def paragraphs(text):
+    """(start, end) character spans of the runs of lines between blank lines; a line of chat markup
+    ("<|im_start|>user") separates as a blank line does."""
+    spans, start = [], None
+    for line in re.finditer(r"[^\n]*(?:\n|$)", text):
+        separator = not line.group().strip() or "<|" in line.group()
+        if separator and start is not None:
+            spans.append((start, line.start()))
+        start = None if separator else line.start() if start is None else start
+    return spans + ([(start, len(text))] if start is not None else [])
+
+
+def title_links(texts, max_title):
+    """TitleLinks' evidence for one row of token texts [N]. A paragraph whose first line is a title (at
+    most max_title words, a parenthesised qualifier dropped) is *linked* when that title's words occur, in
+    any case, anywhere else in the prompt. A paragraph's tokens get 1 / (1 + their index in it), plus 2 in
+    a linked paragraph: linked paragraphs first, each from its start, then every other paragraph's start;
+    text outside paragraphs gets 0. One pass over the words finds every title's occurrences."""
+    text = "".join(texts)
+    words = [(m.start(), m.group()) for m in re.finditer(r"\w+", text.lower())]   # (character, word)
+    where = {}                                                               # word -> its indices in words
+    for index, (_, word) in enumerate(words):
+        where.setdefault(word, []).append(index)
+
+    def named_outside(title, start, end):
+        return any(not start <= words[i][0] < end and [w for _, w in words[i:i + len(title)]] == title
+                   for i in where.get(title[0], ()))
+
+    token_ends = [0]
+    for t in texts:
+        token_ends.append(token_ends[-1] + len(t))
+    priority = [0.0] * len(texts)
+    for start, end in paragraphs(text):
+        first_line, _, body = text[start:end].partition("\n")
+        title = re.findall(r"\w+", first_line.split(" (")[0].lower())
+        linked = bool(body.strip()) and 0 < len(title) <= max_title and named_outside(title, start, end)
+        first = bisect.bisect_right(token_ends, start) - 1                  # the token holding its first character
+        for j in range(first, bisect.bisect_left(token_ends, end)):
+            priority[j] = 2.0 * linked + 1.0 / (1 + j - first)
+    return priority
+
+
+@dataclass(frozen=True)
+class TitleLinks(Policy):
+    """Fix 9, keep the paragraphs the rest of the prompt refers to. Fixes: a multi-hop answer sits in the
+    paragraph about the bridge entity, which shares no word with the question and, before the question
+    exists, nothing marks at all. A prompt of titled paragraphs (retrieved passages, Wikipedia leads) says
+    which ones matter by naming them: the paragraph whose title another paragraph (or the question)
+    mentions is the entity the text links to. Changes: rank by title_links (the linked paragraphs from their
+    start, then every paragraph's start); text only, no scores, the same in every layer and head. Parts:
+    sinks_recent_and. Needs the prompt's token ids and vocab (token_texts(tokenizer)), else H2O with
+    sinks. Still fails: untitled text; an answer in a paragraph nobody names (the question's own
+    paragraph, when the question does not name its title); more linked paragraphs than the budget holds."""
+    name: ClassVar[str] = "title_links"
+    sinks: int = knob(1, at_least(0))
+    recent_ratio: float = knob(0.0, FRACTION)   # share for the most recent tokens (at least 1)
+    max_title: int = knob(12, at_least(1))      # a first line of more words is no title
+    question_tokens: int = knob(32, at_least(0))   # question tokens kept once the evidence has as many
+    vocab: tuple = knob((), Rule("a tuple of every token id's text (token_texts(tokenizer))",
+                                 lambda x: isinstance(x, tuple) and all(isinstance(t, str) for t in x)), repr=False)
+
+    def evidence(self, prompt):
+        if prompt.token_ids is None or not self.vocab:
+            return {}
+        b, h, n, _ = prompt.v.shape
+        if int(prompt.token_ids.max()) >= len(self.vocab):
+            raise ValueError(f"vocab: holds {len(self.vocab)} token texts, but the prompt has token id "
+                             f"{int(prompt.token_ids.max())}; pass token_texts(tokenizer) of the model's tokenizer")
+        rows = [title_links([self.vocab[i] for i in row.tolist()], self.max_title) for row in prompt.token_ids]
+        links = torch.tensor(rows, device=prompt.v.device)                  # (B, N)
+        return {"title_links": links[:, None, :].expand(b, h, n).contiguous()}
+
+    def layer_pooling(self):
+        return {"title_links": 1}   # text alone: every layer's would be the same
+
+    def ranks_by_scores(self, question, token_ids):
+        return not (token_ids and self.vocab)
+
+    def parts(self, scores, k, context):
+        return sinks_recent_and(self, k, scores, "linked", context.get("title_links"), context.get("question_mask"))
+
+
 # ----------------------------------------------------------------------------------------------------
 # 5. Choosing: EvictionConfig and select_kept
 
 POLICY_TYPES = {cls.name: cls for cls in (Dense, StreamingLLM, H2O, SnapKV, CAB, QuestionAware, Bidirectional,
-                                          Delayed, DynamicLocal, HybridSemantic, MatchSpan, SentenceMatch, FactSlots)}
+                                          Delayed, DynamicLocal, HybridSemantic, MatchSpan, SentenceMatch, FactSlots,
+                                          TitleLinks)}
 
 
 class PolicyNames(Sequence):

@@ -177,7 +177,8 @@ def positive_int(text):
 
 def knob_help() -> str:
     lines = ["policy knobs (--knob POLICY.KNOB=VALUE, defaults shown; help(cab_reference.CLASS) says what each does;",
-             "boundary_ids, when not given, are the tokenizer's sentence ends, cab_reference.sentence_end_ids):"]
+             "unless given, boundary_ids are the tokenizer's sentence ends (cab_reference.sentence_end_ids) and vocab",
+             "its token texts (cab_reference.token_texts)):"]
     for name, cls in ref.POLICY_TYPES.items():
         knobs = " ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
         first_sentence = " ".join((cls.__doc__ or "").split()).split(". ")[0].rstrip(".")
@@ -309,12 +310,13 @@ def knob_value(text: str, default, spec: str):
 
 
 def with_tokenizer_knobs(policy, given: dict, tokenizer):
-    """A knob the tokenizer decides, unless --knob set it: the token ids that end a sentence
-    (boundary_ids, SentenceMatch) are the tokenizer's sentence_end_ids."""
-    names = {f.name for f in dataclasses.fields(policy)}
-    if "boundary_ids" in names and "boundary_ids" not in given:
-        return dataclasses.replace(policy, boundary_ids=ref.sentence_end_ids(tokenizer))
-    return policy
+    """The knobs the tokenizer decides, unless --knob set them: the token ids that end a sentence
+    (boundary_ids: SentenceMatch, FactSlots) are its sentence_end_ids, the token texts (vocab:
+    TitleLinks) its token_texts."""
+    names = {f.name for f in dataclasses.fields(policy)} - set(given)
+    tokenizer_knobs = {"boundary_ids": ref.sentence_end_ids, "vocab": ref.token_texts}
+    return dataclasses.replace(policy, **{name: knob(tokenizer) for name, knob in tokenizer_knobs.items()
+                                          if name in names})
 
 
 def check_model_args(args):

@@ -12,6 +12,7 @@ test_equivalence.py; this file only checks that the fast path's outputs are fini
 """
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -715,7 +716,17 @@ def bench_end_to_end(n=32768, layers=16, say=print, capacity=True, gpu_gib=GPU_G
 # What each policy's evidence costs: prefill through the end-to-end model with cab_fast.CabCache(policy)
 
 EVIDENCE_POLICIES = ("h2o", "snapkv", "cab", "bidirectional", "question_aware", "match_span", "sentence_match",
-                     "fact_slots")
+                     "fact_slots", "title_links")
+# The random prompts' token texts, for title_links: random words, a line break and a blank line each about
+# every 50 tokens, so 32k tokens hold about 600 paragraphs, a few hundred of them titled and named elsewhere.
+TEXTS = tuple("\n\n" if i % 50 == 0 else "\n" if i % 50 == 1 else f" w{i % 997}" for i in range(32000))
+
+
+def _config(name):
+    """EvictionConfig(name) at 90% sparsity, given the random prompts' token texts where it reads them."""
+    fields = {f.name for f in dataclasses.fields(ref.POLICY_TYPES[name])}
+    return ref.EvictionConfig(policy=ref.make_policy(name, **({"vocab": TEXTS} if "vocab" in fields else {})),
+                              sparsity=0.9)
 
 
 @torch.no_grad()
@@ -735,15 +746,14 @@ def bench_policy_overhead(lengths=(4096, 32768), layers=16, question=24):
         row = {"n": n, "dense_s": dense}
         for name in (p for p in EVIDENCE_POLICIES if p in ref.POLICY_TYPES):
             def cut():
-                config = ref.EvictionConfig(policy=name, sparsity=0.9)
-                cache = cab_fast.CabCache(config, question_span=(n - question, n), token_ids=ids[0])
+                cache = cab_fast.CabCache(_config(name), question_span=(n - question, n), token_ids=ids[0])
                 return _prefill(model, ids, cache)
             row[name] = min(_synced(cut)[0] for _ in range(2))
         torch.cuda.empty_cache()
         yield row
 
 
-SCORELESS_POLICIES = ("streaming", "match_span", "sentence_match")   # with a question: no score pass
+SCORELESS_POLICIES = ("streaming", "match_span", "sentence_match", "title_links")   # with a question: no score pass
 
 
 @torch.no_grad()
@@ -774,7 +784,7 @@ def bench_scoreless(n, layers=16, question=24, steps=32, rounds=3):
     rows = {"dense": measured(transformers.DynamicCache)}
     model.set_attn_implementation("cab_fast")
     for name in (*SCORELESS_POLICIES, "h2o"):
-        config = ref.EvictionConfig(policy=name, sparsity=0.9)
+        config = _config(name)
         rows[name] = measured(lambda: cab_fast.CabCache(config, question_span=(n - question, n), token_ids=ids[0]))
         rows[name]["reads_scores"] = config.policy.ranks_by_scores(True, True)    # given a question and token ids
     return rows

@@ -38,6 +38,7 @@ from testkit import GPU, forward, generate, make_qkv, prompts, tiny_model
 DEV = "cuda" if GPU else "cpu"
 PROMPT, QUESTION, STEPS = 24, (16, 22), 5
 BOUNDARIES = tuple(range(3, 97, 7))      # token ids taken for sentence ends: a sentence every ~7 tokens
+TEXTS = tuple("\n\n" if i % 13 == 0 else "\n" if i % 13 == 1 else f" w{i % 6}" for i in range(97))   # titled paragraphs
 
 
 @pytest.fixture(scope="module")
@@ -91,16 +92,18 @@ def test_same_tokens_and_kept_positions(model, policy, evict_every):
     assert_kept_equal(runs["cab_fast"][1], runs["cab_reference"][1])
 
 
-def with_boundaries(name):
-    """The policy `name`, given BOUNDARIES where it reads sentence ends."""
+def with_text_knobs(name):
+    """The policy `name`, given BOUNDARIES where it reads sentence ends and TEXTS where it reads token texts."""
     fields = {f.name for f in dataclasses.fields(ref.POLICY_TYPES[name])}
-    return ref.make_policy(name, **({"boundary_ids": BOUNDARIES} if "boundary_ids" in fields else {}))
+    knobs = {"boundary_ids": BOUNDARIES, "vocab": TEXTS}
+    return ref.make_policy(name, **{knob: value for knob, value in knobs.items() if knob in fields})
 
 
 # (policy, with the question span, with the prompt's token ids): the caches that do not rank by scores, and
 # h2o, which does
 SCORE_READING_CASES = [("none", False, False), ("streaming", False, False), ("match_span", True, False),
-                       ("sentence_match", True, True), ("fact_slots", False, True), ("h2o", True, True)]
+                       ("sentence_match", True, True), ("fact_slots", False, True), ("title_links", True, True),
+                       ("h2o", True, True)]
 
 
 @pytest.mark.parametrize("policy, question, token_ids", SCORE_READING_CASES)
@@ -111,7 +114,7 @@ def test_scoreless_caches_keep_the_reference_positions_without_scores(model, pol
     kwargs = {"question_span": QUESTION if question else None, "token_ids": ids if token_ids else None}
     runs = {}
     for impl, module in (("cab_reference", ref), ("cab_fast", cab_fast)):
-        cache = module.CabCache(ref.EvictionConfig(policy=with_boundaries(policy), sparsity=0.5), **kwargs)
+        cache = module.CabCache(ref.EvictionConfig(policy=with_text_knobs(policy), sparsity=0.5), **kwargs)
         runs[impl] = generate_recording_kept(model, impl, cache, ids, mask)
     assert cache.reads_scores == (policy == "h2o")
     assert policy == "none" or (cache.bank is not None and cache.bank.complete), "the steps did not run on the slots"
@@ -156,13 +159,14 @@ def test_scoreless_policies_never_ask_attention_for_evidence():
         raise AssertionError("the evidence called attention_fn")
     checked = set()
     for name, has_question, has_ids in itertools.product(ref.POLICY_TYPES, (False, True), (False, True)):
-        policy = with_boundaries(name)
+        policy = with_text_knobs(name)
         if policy.ranks_by_scores(has_question, has_ids) or (policy.needs_question and not has_question):
             continue
         ref.prompt_evidence(q, k, v, ref.EvictionConfig(policy=policy), attention_fn=no_attention,
                             question_mask=question if has_question else None, token_ids=ids if has_ids else None)
         checked.add(name)
-    assert {"none", "streaming", "hybrid_semantic", "match_span", "sentence_match", "fact_slots"} <= checked
+    assert {"none", "streaming", "hybrid_semantic", "match_span", "sentence_match", "fact_slots",
+            "title_links"} <= checked
 
 
 def decode_loop(model, impl, cache, chunks):

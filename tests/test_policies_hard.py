@@ -1,4 +1,5 @@
-"""SentenceMatch (the bridge and paraphrase fixes): what it promises, on synthetic prompts.
+"""SentenceMatch, FactSlots and TitleLinks (the bridge and paraphrase fixes): what they promise, on
+synthetic prompts.
 
 A synthetic prompt is a list of token ids; its first-layer values are a fixed random vector per id (as
 in a real model's first layer, where a value depends on the token alone), so "the same word" means the
@@ -269,6 +270,86 @@ def test_fact_slots_bad_knobs_name_themselves(knob, value):
         R.FactSlots(**{knob: value})
 
 
+# TitleLinks: paragraphs of token texts; the one titled "Shirley Temple" is named in another.
+LINKED = ["Sh", "ir", "ley", " Temple", "\n", "Sh", "ir", "ley", " Temple", " Black", " was", " a", " diplomat", ".",
+          "\n"]
+NAMING = ["Kiss", " and", " Tell", " (", "film", ")", "\n", "It", " starred", " Shirley", " Temple", ".", "\n"]
+UNNAMED = ["Temples", "\n", "Old", " temples", " stand", " here", ".", "\n"]
+CHAT = ["<|im_start|>", "user", "\n"]
+
+
+def texts_prompt(paragraphs, question=()):
+    """(token ids [1, N], vocab, the paragraphs' first positions): each text its own token id."""
+    texts = CHAT + [t for p in paragraphs for t in p + ["\n"]][:-1] + list(question)
+    vocab = tuple(dict.fromkeys(texts))
+    starts = [len(CHAT) + sum(len(p) + 1 for p in paragraphs[:i]) for i in range(len(paragraphs))]
+    return torch.tensor([[vocab.index(t) for t in texts]]), vocab, starts
+
+
+def test_paragraphs_split_at_blank_lines_and_chat_markup():
+    text = "<|im_start|>user\nTitle\nBody one.\nBody two.\n\n  \nNext\nMore.\n<|im_end|>\nTail"
+    spans = [text[s:e] for s, e in R.paragraphs(text)]
+    assert spans == ["Title\nBody one.\nBody two.\n", "Next\nMore.\n", "Tail"]
+
+
+def test_title_links_rank_the_named_paragraph_first_from_its_start():
+    ids, vocab, (unnamed, naming, linked) = texts_prompt([UNNAMED, NAMING, LINKED])
+    priority = R.title_links([vocab[i] for i in ids[0].tolist()], max_title=12)
+    assert priority[:len(CHAT)] == [0.0] * len(CHAT)                 # no paragraph
+    assert priority[linked - 1] == 0.0                               # the blank line between paragraphs
+    assert priority[linked] == 3.0 and min(priority[linked:]) > 2.0  # " Shirley Temple" names "Sh|ir|ley Temple"
+    assert priority[naming] == priority[unnamed] == 1.0              # "Temples" and "Kiss and Tell" are named nowhere
+    assert sorted(priority, reverse=True)[:len(LINKED)] == priority[linked:]
+
+
+def test_title_links_drop_a_parenthesised_qualifier_and_ignore_case():
+    closing = ["Closing", "\n", "That", " was", " KISS", " AND", " TELL", "."]
+    ids, vocab, (naming, closing) = texts_prompt([NAMING, closing])
+    priority = R.title_links([vocab[i] for i in ids[0].tolist()], max_title=12)
+    assert priority[naming] == 3.0 and priority[closing] == 1.0
+    assert R.title_links([vocab[i] for i in ids[0].tolist()], max_title=2)[naming] == 1.0   # 3 words: no title
+
+
+@pytest.mark.parametrize("question", [False, True])
+def test_title_links_keep_the_named_paragraph_whatever_the_scores(question):
+    """The question names the title, or another paragraph does: the linked paragraph's lead is kept."""
+    paragraphs = [UNNAMED, LINKED, NAMING] if not question else [UNNAMED, LINKED]
+    asked = ["Who", " was", " Shirley", " Temple", "?"] if question else []
+    ids, vocab, starts = texts_prompt(paragraphs, ["\n"] * question + asked)   # a blank line, then the question
+    n, lead = ids.shape[1], range(starts[1], starts[1] + 8)
+    span = (n - len(asked), n) if question else (0, 1)
+    prompt = prompt_for(ids, span)._replace(question_mask=prompt_for(ids, span).question_mask if question else None)
+    policy = R.TitleLinks(vocab=vocab, question_tokens=0)
+    assert not policy.ranks_by_scores(question, True)
+    evidence = policy.evidence(prompt)
+    valid = torch.ones(1, HKV, n, dtype=torch.bool)
+    for seed in range(3):
+        scores = torch.rand(1, HKV, n, generator=torch.Generator().manual_seed(seed))
+        kept = policy.select(scores, 1 + 1 + len(lead), dict(evidence, question_mask=prompt.question_mask), valid).kept
+        assert all(set(lead) <= set(row.tolist()) for row in kept[0])
+
+
+def test_title_links_without_token_texts_is_heavy_hitters_with_sinks():
+    ids, vocab, _ = texts_prompt([UNNAMED, NAMING, LINKED])
+    assert R.TitleLinks().evidence(prompt_for(ids, (0, 1))) == {}
+    assert R.TitleLinks(vocab=vocab).evidence(prompt_for(ids, (0, 1))._replace(token_ids=None)) == {}
+    assert R.TitleLinks().ranks_by_scores(False, True) and R.TitleLinks(vocab=vocab).ranks_by_scores(False, False)
+    parts = R.TitleLinks().parts(torch.rand(1, HKV, ids.shape[1]), 9, {})
+    assert [(p.name, p.count) for p in parts] == [("sink", 1), ("recent", 1), ("heavy", 7)]
+
+
+def test_title_links_refuse_a_vocab_that_misses_the_prompts_ids():
+    ids, vocab, _ = texts_prompt([UNNAMED, NAMING, LINKED])
+    with pytest.raises(ValueError, match="vocab: holds"):
+        R.TitleLinks(vocab=vocab[:-1]).evidence(prompt_for(ids, (0, 1)))
+
+
+@pytest.mark.parametrize("knob, value", [("max_title", 0), ("vocab", (1,)), ("vocab", ["a"]), ("recent_ratio", 2.0)])
+def test_title_links_bad_knobs_name_themselves(knob, value):
+    with pytest.raises(ValueError, match=knob):
+        R.TitleLinks(**{knob: value})
+
+
 def test_nearness_favours_tokens_next_to_rare_matches():
     weight = torch.zeros(12)
     weight[3], weight[9] = 1.0, 0.1                      # a word found once at 3, a common one at 9
@@ -299,7 +380,10 @@ def test_a_policy_that_says_it_ranks_by_no_score_ignores_them(name, question, to
     """ranks_by_scores False (which lets the fast twin skip the score pass) means the kept set is the
     same whatever the accumulated scores are."""
     cls = R.POLICY_TYPES[name]
-    policy = cls(boundary_ids=(DOT, QMARK)) if "boundary_ids" in {f.name for f in dataclasses.fields(cls)} else cls()
+    texts = tuple(".?\n"[i - 1] if 0 < i < 4 else f" w{i}" for i in range(64))
+    knobs = {f.name for f in dataclasses.fields(cls)}
+    given = {"boundary_ids": (DOT, QMARK), "vocab": texts}
+    policy = cls(**{knob: value for knob, value in given.items() if knob in knobs})
     if (policy.needs_question and not question) or policy.ranks_by_scores(question, token_ids):
         pytest.skip("ranks by scores here")
     ids, span, _ = bridge_prompt(ORDERS[0])
@@ -319,6 +403,7 @@ def test_score_reading_is_declared_for_the_question_driven_policies():
     assert not R.MatchSpan().ranks_by_scores(True, False) and R.MatchSpan().ranks_by_scores(False, True)
     assert R.FactSlots().ranks_by_scores(False, True)                      # no boundary ids: heavy hitters
     assert not R.FactSlots(boundary_ids=(DOT,)).ranks_by_scores(False, True)
+    assert not R.TitleLinks(vocab=("a",)).ranks_by_scores(False, True)
     loop = R.EvictionLoop(R.EvictionConfig(policy="sentence_match"), question_span=(3, 5))
     assert not loop.reads_scores and R.EvictionLoop(R.EvictionConfig(policy="sentence_match")).reads_scores
 

@@ -333,7 +333,7 @@ def test_policy_promises(policy, per_head):
 
 
 TIE_CASES = policy_cases(streaming={"sinks": 3}, snapkv={"window": 4}, match_span={"sinks": 3},
-                         sentence_match={"sinks": 3}, fact_slots={"sinks": 3})
+                         sentence_match={"sinks": 3}, fact_slots={"sinks": 3}, title_links={"sinks": 3})
 
 
 @PER_HEAD
@@ -361,7 +361,8 @@ def test_h2o_tie_for_the_last_slot_goes_to_the_later_token():
 
 @PER_HEAD
 @pytest.mark.parametrize("policy", policy_cases(streaming={"sinks": 2}, snapkv={"window": 4}, match_span={"sinks": 2},
-                                                sentence_match={"sinks": 2}, fact_slots={"sinks": 2}))
+                                                sentence_match={"sinks": 2}, fact_slots={"sinks": 2},
+                                                title_links={"sinks": 2}))
 def test_policy_never_keeps_padding_while_evicting_real_tokens(policy, per_head):
     g = torch.Generator().manual_seed(5)
     b, h, n = 3, 2, 40

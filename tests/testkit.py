@@ -210,7 +210,8 @@ def policy_cases(**knobs_by_name):
 EVIDENCE_RANGES = {                 # name -> (low, high) of random evidence; "n" = the number of tokens
     "window_scores": (0, 16), "bidirectional_scores": (0, "n"), "question_similarity": (-1, 1),
     "decode_scores": (0, 4), "question_match": (0, 1), "connectivity": (0, "n"), "curvature": (-20, 4),
-    "sentence_match": (0, 4), "fact_slots": (0, 11), "question_at_end": None,   # None: from question_mask
+    "sentence_match": (0, 4), "fact_slots": (0, 11), "title_links": (0, 3),
+    "question_at_end": None,   # None: from question_mask
 }
 
 
@@ -252,7 +253,7 @@ def random_context(policy, scores, *, generator=None, fill=None, question_at_end
     return context
 
 
-SINKS_THEN_RECENT = (R.MatchSpan, R.SentenceMatch, R.FactSlots)   # sinks, recent_ratio, the rest
+SINKS_THEN_RECENT = (R.MatchSpan, R.SentenceMatch, R.FactSlots, R.TitleLinks)   # sinks, recent_ratio, the rest
 
 
 def protected(policy, k, *, question_at_end=True):
