@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -893,26 +894,25 @@ def title_links(texts, max_title):
     a linked paragraph: linked paragraphs first, each from its start, then every other paragraph's start;
     text outside paragraphs gets 0. One pass over the words finds every title's occurrences."""
     text = "".join(texts)
-    words = [(m.start(), m.group()) for m in re.finditer(r"\w+", text.lower())]   # (character, word)
+    found = list(re.finditer(r"\w+", text.lower()))
+    starts, words = [m.start() for m in found], [m.group() for m in found]
     where = {}                                                               # word -> its indices in words
-    for index, (_, word) in enumerate(words):
+    for index, word in enumerate(words):
         where.setdefault(word, []).append(index)
 
     def named_outside(title, start, end):
-        return any(not start <= words[i][0] < end and [w for _, w in words[i:i + len(title)]] == title
-                   for i in where.get(title[0], ()))
+        return any(not start <= starts[i] < end and words[i:i + len(title)] == title for i in where.get(title[0], ()))
 
-    token_ends = [0]
-    for t in texts:
-        token_ends.append(token_ends[-1] + len(t))
+    token_ends = [0, *itertools.accumulate(map(len, texts))]
+    lead = [1.0 / (1 + i) for i in range(len(texts))]                       # 1 / (1 + index in the paragraph)
     priority = [0.0] * len(texts)
     for start, end in paragraphs(text):
         first_line, _, body = text[start:end].partition("\n")
         title = re.findall(r"\w+", first_line.split(" (")[0].lower())
         linked = bool(body.strip()) and 0 < len(title) <= max_title and named_outside(title, start, end)
         first = bisect.bisect_right(token_ends, start) - 1                  # the token holding its first character
-        for j in range(first, bisect.bisect_left(token_ends, end)):
-            priority[j] = 2.0 * linked + 1.0 / (1 + j - first)
+        last = bisect.bisect_left(token_ends, end)
+        priority[first:last] = [2.0 + x for x in lead[:last - first]] if linked else lead[:last - first]
     return priority
 
 
