@@ -894,8 +894,8 @@ def title_links(texts, max_title):
     a linked paragraph: linked paragraphs first, each from its start, then every other paragraph's start;
     text outside paragraphs gets 0. One pass over the words finds every title's occurrences."""
     text = "".join(texts)
-    found = list(re.finditer(r"\w+", text.lower()))
-    starts, words = [m.start() for m in found], [m.group() for m in found]
+    found = list(re.finditer(r"\w+", text))               # lowered per word: text.lower() may change offsets
+    starts, words = [m.start() for m in found], [m.group().lower() for m in found]
     where = {}                                                               # word -> its indices in words
     for index, word in enumerate(words):
         where.setdefault(word, []).append(index)
@@ -908,7 +908,7 @@ def title_links(texts, max_title):
     priority = [0.0] * len(texts)
     for start, end in paragraphs(text):
         first_line, _, body = text[start:end].partition("\n")
-        title = re.findall(r"\w+", first_line.split(" (")[0].lower())
+        title = [word.lower() for word in re.findall(r"\w+", first_line.split(" (")[0])]
         linked = bool(body.strip()) and 0 < len(title) <= max_title and named_outside(title, start, end)
         first = bisect.bisect_right(token_ends, start) - 1                  # the token holding its first character
         last = bisect.bisect_left(token_ends, end)

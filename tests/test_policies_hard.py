@@ -310,6 +310,13 @@ def test_title_links_drop_a_parenthesised_qualifier_and_ignore_case():
     assert R.title_links([vocab[i] for i in ids[0].tolist()], max_title=2)[naming] == 1.0   # 3 words: no title
 
 
+def test_title_links_measure_words_in_the_text_as_given():
+    """A character whose lower case is longer ("İ" -> "i̇") must not shift where a title is found: a title
+    named only inside its own paragraph stays unlinked."""
+    texts = ["İ" * 12, "\n", "\n", "Kiss", " Tell", "\n", "About", " Kiss", " Tell"]
+    assert R.title_links(texts, max_title=12)[3] == 1.0
+
+
 @pytest.mark.parametrize("question", [False, True])
 def test_title_links_keep_the_named_paragraph_whatever_the_scores(question):
     """The question names the title, or another paragraph does: the linked paragraph's lead is kept."""
