@@ -309,14 +309,20 @@ def knob_value(text: str, default, spec: str):
     return value
 
 
-def with_tokenizer_knobs(policy, given: dict, tokenizer):
-    """The knobs the tokenizer decides, unless --knob set them: the token ids that end a sentence
-    (boundary_ids: SentenceMatch, FactSlots) are its sentence_end_ids, the token texts (vocab:
-    TitleLinks) its token_texts."""
-    names = {f.name for f in dataclasses.fields(policy)} - set(given)
-    tokenizer_knobs = {"boundary_ids": ref.sentence_end_ids, "vocab": ref.token_texts}
-    return dataclasses.replace(policy, **{name: knob(tokenizer) for name, knob in tokenizer_knobs.items()
-                                          if name in names})
+def with_tokenizer_knobs(policies, given: dict, tokenizer) -> list:
+    """The policies with the knobs the tokenizer decides, unless --knob set them (given: {policy: {knob:
+    value}}): the token ids that end a sentence (boundary_ids: SentenceMatch, FactSlots) are its
+    sentence_end_ids, the token texts (vocab: TitleLinks) its token_texts; each decoded once."""
+    derive, derived = {"boundary_ids": ref.sentence_end_ids, "vocab": ref.token_texts}, {}
+
+    def value(knob):
+        if knob not in derived:
+            derived[knob] = derive[knob](tokenizer)
+        return derived[knob]
+    return [dataclasses.replace(policy, **{knob: value(knob) for knob in derive
+                                           if knob in {f.name for f in dataclasses.fields(policy)}
+                                           and knob not in given.get(policy.name, {})})
+            for policy in policies]
 
 
 def check_model_args(args):
@@ -818,7 +824,8 @@ def policy_report(engine: Engine, prompt: Prompt, config: EvictionConfig, max_ne
         "question_kept": [int(a["kept"][i, h, question_at].sum()) for h in range(H)],
     } for i in range(L)]
     return {
-        "policy": config.policy.name, "knobs": dataclasses.asdict(config.policy), "sparsity": config.sparsity,
+        "policy": config.policy.name, "sparsity": config.sparsity,
+        "knobs": {f.name: getattr(config.policy, f.name) for f in dataclasses.fields(config.policy) if f.repr},
         "budget": config.budget_for(n), "n": n, "layers": L, "kv_heads": H,
         "answer_retention": retention(a["kept"], prompt.answer_positions),
         "question_retention": retention(a["kept"], prompt.question_positions),
@@ -1253,7 +1260,7 @@ def run(argv=None, model_and_tokenizer=None):
     if args.fast:
         import cab_fast
         attention_fn = cab_fast.attention
-    plan.policies = [with_tokenizer_knobs(p, plan.identity["knobs"].get(p.name, {}), tokenizer) for p in plan.policies]
+    plan.policies = with_tokenizer_knobs(plan.policies, plan.identity["knobs"], tokenizer)
     engine = Engine(model, tokenizer, attention_fn, evict_every=args.evict_every)
     if plan.items is not None:
         return run_suite_command(plan, engine, style, clock)
